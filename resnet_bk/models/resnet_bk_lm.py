@@ -1,0 +1,115 @@
+"""ResNet-BK language model: token + position embeddings, a stack of ResNet-BK blocks, a tied head.
+
+Each block mixes positions through the diagonal of a tridiagonal resolvent instead of attention,
+so a layer costs O(N) in the sequence length. See shared DESIGN.md sections 1-3.
+
+References:
+1) nanoGPT (Karpathy), model.py: the layout of this file, the init and the tied LM head.
+2) Switch Transformers (Fedus et al. 2021): the MoE feed-forward and its load-balancing loss.
+3) The ResNet-BK seeds (shared/seeds/): H0 = discrete Laplacian, z = i; their core is replaced by
+   resnet_bk.bk_core (stable recurrences, exact gradient, causal g_i).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from resnet_bk.layers.bk_layer import ResNetBKBlock
+from resnet_bk.models.output import LMOutput
+
+
+class ResNetBKLM(nn.Module):
+    """input_ids (B, N) long -> LMOutput(logits (B, N, V), aux_losses, stats).
+
+    Args:
+        vocab_size: V (first positional argument: the CLI injects it from the data).
+        d_model: width D.
+        n_layers: number of ResNet-BK blocks.
+        d_ff: hidden width of EACH expert; default 4 * d_model, the Switch convention: at top_k=1 a
+            token costs the FLOPs of a dense nanoGPT MLP, while the parameters grow with num_experts.
+            For equal-parameter comparisons use resnet_bk.models.count_parameters.
+        num_experts, top_k: MoE routing; num_experts=1 is a plain MLP.
+        max_seq_len: size of the learned position embedding; longer inputs raise ValueError.
+        z_real, z_imag: spectral shift z = z_real + i z_imag of the resolvent; z_imag must be > 0.
+        bk_scale: weight of the resolvent features in each layer's output.
+        dropout: dropout on embeddings, expert outputs and resolvent features.
+        causal: True (default) uses the causal core g_i, so logits at position t depend on tokens
+            0..t only. False uses the full resolvent diagonal G_ii, which depends on EVERY position:
+            it leaks the future and is only for non-autoregressive use; never report its perplexity.
+
+    aux_losses: {"load_balance": mean over layers} (empty when num_experts=1), unweighted.
+    stats: detached means over layers: "g_abs_mean" (mean |G|, bounded by 1 / z_imag), expert loads.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int = 128,
+        n_layers: int = 4,
+        d_ff: int | None = None,
+        num_experts: int = 4,
+        top_k: int = 1,
+        max_seq_len: int = 1024,
+        z_real: float = 0.0,
+        z_imag: float = 1.0,
+        bk_scale: float = 1.0,
+        dropout: float = 0.0,
+        causal: bool = True,
+    ):
+        super().__init__()
+        d_ff = 4 * d_model if d_ff is None else d_ff
+        self.max_seq_len, self.causal = max_seq_len, causal
+        self.tok_emb = nn.Embedding(vocab_size, d_model)
+        self.pos_emb = nn.Embedding(max_seq_len, d_model)
+        self.drop = nn.Dropout(dropout)
+        z = complex(z_real, z_imag)
+        self.blocks = nn.ModuleList(
+            ResNetBKBlock(d_model, d_ff, num_experts, top_k, z, bk_scale, causal, dropout) for _ in range(n_layers)
+        )
+        self.ln_f = nn.LayerNorm(d_model)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight  # weight tying (Press & Wolf 2017)
+
+        self.apply(_init_weights)
+        # nanoGPT: scale the projections that write into the residual stream by 1/sqrt(2 * n_layers).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layers))
+
+    def forward(self, input_ids: torch.Tensor) -> LMOutput:
+        b, n = input_ids.shape
+        if n > self.max_seq_len:
+            raise ValueError(
+                f"ResNetBKLM: input length {n} exceeds max_seq_len {self.max_seq_len}; "
+                "raise max_seq_len or lower seq_len."
+            )
+        pos = torch.arange(n, device=input_ids.device)
+        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))  # (B, N, D)
+
+        aux_sums: dict[str, torch.Tensor] = {}
+        stat_sums: dict[str, torch.Tensor] = {}
+        for block in self.blocks:
+            x, aux, stats = block(x)
+            for k, v in aux.items():
+                aux_sums[k] = aux_sums.get(k, 0.0) + v
+            for k, v in stats.items():
+                stat_sums[k] = stat_sums.get(k, 0.0) + v
+        logits = self.lm_head(self.ln_f(x))  # (B, N, V)
+
+        n_layers = max(len(self.blocks), 1)
+        aux_losses = {k: v / n_layers for k, v in aux_sums.items()}
+        stats = {k: v / n_layers for k, v in stat_sums.items()}
+        return LMOutput(logits=logits, aux_losses=aux_losses, stats=stats)
+
+
+def _init_weights(module: nn.Module) -> None:
+    """nanoGPT init: N(0, 0.02) weights, zero biases (LayerNorm keeps ones and zeros)."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)

@@ -1,0 +1,129 @@
+"""Causal pre-norm Transformer language model: the O(N^2) baseline ResNet-BK is measured against.
+
+References:
+1) nanoGPT (Karpathy), model.py: this file is its GPT with the same init and tied head, returning
+   the shared LMOutput.
+2) "Attention Is All You Need" (Vaswani et al. 2017); attention runs through
+   F.scaled_dot_product_attention (FlashAttention where available, Dao et al. 2022).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from resnet_bk.models.output import LMOutput
+
+
+class CausalSelfAttention(nn.Module):
+    """(B, N, D) -> (B, N, D); position t attends to positions 0..t."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"CausalSelfAttention: d_model {d_model} is not divisible by n_heads {n_heads}.")
+        self.n_heads, self.dropout = n_heads, dropout
+        self.c_attn = nn.Linear(d_model, 3 * d_model)
+        self.c_proj = nn.Linear(d_model, d_model)
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.c_attn(x).split(d, dim=2)
+        q, k, v = (t.view(b, n, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, N, hd)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(b, n, d)
+        return self.resid_drop(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """(B, N, D) -> (B, N, D): D -> d_ff -> D with GELU."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0):
+        super().__init__()
+        self.c_fc = nn.Linear(d_model, d_ff)
+        self.c_proj = nn.Linear(d_ff, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(LN(x)), then x + mlp(LN(x))."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float = 0.0):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, n_heads, dropout)
+        self.ln_2 = nn.LayerNorm(d_model)
+        self.mlp = MLP(d_model, d_ff, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class TransformerLM(nn.Module):
+    """input_ids (B, N) long -> LMOutput(logits (B, N, V), aux_losses={}, stats={}).
+
+    Args:
+        vocab_size: V (first positional argument: the CLI injects it from the data).
+        d_model, n_layers, n_heads: width, depth, attention heads (d_model % n_heads == 0).
+        d_ff: MLP hidden width, default 4 * d_model.
+        max_seq_len: size of the learned position embedding; longer inputs raise ValueError.
+        dropout: on embeddings, attention weights and residual branches.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int = 128,
+        n_layers: int = 4,
+        n_heads: int = 4,
+        d_ff: int | None = None,
+        max_seq_len: int = 1024,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        d_ff = 4 * d_model if d_ff is None else d_ff
+        self.max_seq_len = max_seq_len
+        self.tok_emb = nn.Embedding(vocab_size, d_model)
+        self.pos_emb = nn.Embedding(max_seq_len, d_model)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, d_ff, dropout) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight  # weight tying (Press & Wolf 2017)
+
+        self.apply(_init_weights)
+        # nanoGPT: scale the projections that write into the residual stream by 1/sqrt(2 * n_layers).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layers))
+
+    def forward(self, input_ids: torch.Tensor) -> LMOutput:
+        b, n = input_ids.shape
+        if n > self.max_seq_len:
+            raise ValueError(
+                f"TransformerLM: input length {n} exceeds max_seq_len {self.max_seq_len}; "
+                "raise max_seq_len or lower seq_len."
+            )
+        pos = torch.arange(n, device=input_ids.device)
+        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))  # (B, N, D)
+        for block in self.blocks:
+            x = block(x)
+        return LMOutput(logits=self.lm_head(self.ln_f(x)))
+
+
+def _init_weights(module: nn.Module) -> None:
+    """nanoGPT init: N(0, 0.02) weights, zero biases (LayerNorm keeps ones and zeros)."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)

@@ -1,0 +1,263 @@
+"""WikiText language-modelling data: a LightningDataModule over fixed-length windows of one token
+stream per split.
+
+Data: the bundled WikiText-2 (datamodules/data/wikitext-2/, see its README for licence and the
+training split's provenance), a local folder of wiki.{train,valid,test}.tokens[.xz], or the HF Hub
+(`hf:<config>`). Text is read through HF `datasets`.
+
+Windows (L = seq_len): window i holds tokens stream[i*L : i*L + L + 1]; its inputs are the first L,
+its targets the last L (next-token prediction). Training keeps full windows only. Evaluation keeps
+the last partial window, padded (inputs with PAD_ID, targets with IGNORE_INDEX), so every token of
+stream[1:] is scored exactly once and perplexity is token-weighted over the whole split (DESIGN §4).
+
+Caches (under `cache_dir`, default ~/.cache/resnet_bk or $RESNET_BK_CACHE):
+    vocab/    word vocabularies, keyed by the training file's sha256
+    streams/  token streams (.npy), keyed by the split file's sha256 + the tokenizer's fingerprint
+    hf/       HF `datasets` Arrow cache of the local text files
+"""
+
+from __future__ import annotations
+
+import lzma
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.tokenization import atomic_write, build_tokenizer, sha256_file
+
+BUNDLED_DIR = Path(__file__).parent / "data" / "wikitext-2"
+SPLITS = ("train", "valid", "test")
+HF_SPLITS = {"train": "train", "valid": "validation", "test": "test"}  # our name -> HF wikitext's
+PAD_ID = 0  # input id at padded positions; never a target, and causal models never look ahead
+IGNORE_INDEX = -100  # target at padded positions (torch cross_entropy's default ignore_index)
+
+
+class TokenWindows(Dataset):
+    """Windows of one token stream, stride seq_len; item i is window i, with its id.
+
+    Item i: {"input_ids": LongTensor (seq_len,), "targets": LongTensor (seq_len,), "index": int i}
+    with input_ids = stream[i*L : i*L+L] and targets = stream[i*L+1 : i*L+L+1].
+    pad_last=False: only full windows, len = (n-1) // L (the last < L targets are dropped).
+    pad_last=True:  len = ceil((n-1) / L); the last window is padded (PAD_ID / IGNORE_INDEX).
+    """
+
+    def __init__(self, stream: torch.Tensor, seq_len: int, pad_last: bool) -> None:
+        if stream.ndim != 1 or stream.numel() < 2:
+            raise ValueError(f"TokenWindows needs a 1-D stream of >= 2 tokens, got shape {tuple(stream.shape)}")
+        self.stream = stream
+        self.seq_len = seq_len
+        self.pad_last = pad_last
+        n_targets = stream.numel() - 1
+        self.n = -(-n_targets // seq_len) if pad_last else n_targets // seq_len
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.n:
+            raise IndexError(f"window {i} out of range [0, {self.n})")
+        start, L = i * self.seq_len, self.seq_len
+        chunk = self.stream[start : start + L + 1]
+        inputs, targets = chunk[:-1], chunk[1:]
+        if len(targets) < L:  # last window of an evaluation split
+            pad = L - len(targets)
+            inputs = torch.cat([inputs, inputs.new_full((pad,), PAD_ID)])
+            targets = torch.cat([targets, targets.new_full((pad,), IGNORE_INDEX)])
+        return {"input_ids": inputs, "targets": targets, "index": i}
+
+
+class WikiTextDataModule(L.LightningDataModule):
+    """WikiText next-token windows for language modelling.
+
+    Batches are dicts: input_ids LongTensor (B, seq_len); targets LongTensor (B, seq_len), -100 on
+    padding; index LongTensor (B,), window ids within the split.
+
+    The tokenizer is ready after __init__ (`vocab_size` is a plain int, linked into the model by
+    the CLI); token streams are built or loaded in `prepare_data`/`setup`.
+
+    Args:
+        source: where the text comes from. "bundled": the WikiText-2 copy shipped in the package
+            (no network). A directory path: it must hold wiki.train.tokens, wiki.valid.tokens and
+            wiki.test.tokens, each plain or .xz. "hf:<config>", e.g. "hf:wikitext-103-raw-v1":
+            load_dataset("wikitext", <config>) from the HF Hub (needs network or the HF cache).
+        tokenizer: "word" (whitespace words + <eos> per line, vocabulary from the training split;
+            right for the pre-tokenized WikiText "-v1" data), or a `transformers` tokenizer name or
+            folder (e.g. "gpt2"), used only if found locally unless HF_HUB_OFFLINE=0.
+        seq_len: tokens per example (inputs and targets each have seq_len positions).
+        batch_size: training examples per batch.
+        eval_batch_size: validation/test examples per batch; default batch_size.
+        num_workers: DataLoader worker processes (0: load in the main process).
+        cache_dir: folder for the vocabulary, token streams and HF Arrow caches; default
+            $RESNET_BK_CACHE or ~/.cache/resnet_bk.
+        max_train_tokens: keep only the first this many tokens of the training stream (smoke
+            runs); None keeps all. Validation and test are never truncated.
+    """
+
+    def __init__(
+        self,
+        source: str = "bundled",
+        tokenizer: str = "word",
+        seq_len: int = 256,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+        max_train_tokens: int | None = None,
+    ) -> None:
+        super().__init__()
+        checks = {"seq_len": (seq_len, 1), "batch_size": (batch_size, 1), "num_workers": (num_workers, 0)}
+        for name, (value, low) in checks.items():
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1 or None, got {eval_batch_size}")
+        if max_train_tokens is not None and max_train_tokens < 2:
+            raise ValueError(f"max_train_tokens must be >= 2 or None, got {max_train_tokens}")
+        self.save_hyperparameters()
+        self.source = source
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.max_train_tokens = max_train_tokens
+        cache_dir = cache_dir or os.environ.get("RESNET_BK_CACHE") or "~/.cache/resnet_bk"
+        self.cache_dir = Path(cache_dir).expanduser()
+
+        self._text = None  # HF DatasetDict, loaded on first need
+        if source.startswith("hf:"):
+            self.hf_config = source[3:]
+            if not self.hf_config:
+                raise ValueError("source 'hf:' needs a config name, e.g. hf:wikitext-103-raw-v1")
+            self.files = None
+            self.hashes = {s: self._load_text()[HF_SPLITS[s]]._fingerprint for s in SPLITS}
+        else:
+            self.hf_config = None
+            self.files = find_split_files(BUNDLED_DIR if source == "bundled" else Path(source).expanduser())
+            self.hashes = {s: sha256_file(f) for s, f in self.files.items()}
+
+        self.tokenizer = build_tokenizer(tokenizer, self._lines("train"), self.cache_dir, self.hashes["train"])
+        self.vocab_size: int = self.tokenizer.vocab_size
+        self._streams: dict[str, torch.Tensor] = {}
+        self.train_dataset = self.val_dataset = self.test_dataset = None
+
+    # ---- text ---------------------------------------------------------------------------
+    def _load_text(self):
+        """All three splits as a HF DatasetDict with one "text" column (one row per line)."""
+        if self._text is None:
+            import datasets
+
+            if self.hf_config is not None:
+                try:
+                    self._text = datasets.load_dataset("wikitext", self.hf_config)
+                except Exception as e:
+                    raise ValueError(
+                        f"could not load wikitext config {self.hf_config!r} from the HF Hub or cache ({type(e).__name__}); "
+                        "check the config name and network access (HF_HUB_OFFLINE=0), or use source: bundled"
+                    ) from e
+            else:
+                self._text = datasets.load_dataset(
+                    "text",
+                    data_files={s: str(f) for s, f in self.files.items()},
+                    keep_linebreaks=False,
+                    cache_dir=str(self.cache_dir / "hf"),
+                )
+        return self._text
+
+    def _lines(self, split: str) -> Iterator[str]:
+        """Lines of a split without line breaks (lazy: nothing is read until iterated)."""
+        name = HF_SPLITS[split] if self.hf_config is not None else split
+        for line in self._load_text()[name]["text"]:
+            yield line[:-1] if line.endswith("\n") else line  # HF wikitext rows keep their "\n"
+
+    # ---- token streams ------------------------------------------------------------------
+    def stream(self, split: str) -> torch.Tensor:
+        """The whole split as one LongTensor (n_tokens,), from the cache or tokenized now."""
+        if split not in self._streams:
+            key = f"{split}-{self.hashes[split][:32]}-{self.tokenizer.fingerprint[:32]}.npy"
+            path = self.cache_dir / "streams" / key
+            if path.exists():
+                ids = np.load(path)
+            else:
+                ids = self.tokenizer.encode_lines(self._lines(split))
+                small = ids.astype(np.int32) if self.vocab_size < 2**31 else ids  # half the disk
+                atomic_write(path, lambda f: np.save(f, small))
+            if len(ids) < 2:
+                raise ValueError(f"the {split} split of {self.source!r} has {len(ids)} tokens; it needs at least 2")
+            self._streams[split] = torch.from_numpy(ids.astype(np.int64))
+        return self._streams[split]
+
+    def prepare_data(self) -> None:
+        """Tokenize and cache every split once (Lightning runs this on one process per node)."""
+        for split in SPLITS:
+            self.stream(split)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_dataset is None:
+            train = self.stream("train")
+            if self.max_train_tokens is not None:
+                train = train[: self.max_train_tokens]
+            if train.numel() < self.seq_len + 1:
+                raise ValueError(
+                    f"the training stream has {train.numel()} tokens, fewer than seq_len + 1 = {self.seq_len + 1}; "
+                    "lower seq_len or raise max_train_tokens"
+                )
+            self.train_dataset = TokenWindows(train, self.seq_len, pad_last=False)
+        if stage in (None, "fit", "validate") and self.val_dataset is None:
+            self.val_dataset = TokenWindows(self.stream("valid"), self.seq_len, pad_last=True)
+        if stage in (None, "test") and self.test_dataset is None:
+            self.test_dataset = TokenWindows(self.stream("test"), self.seq_len, pad_last=True)
+
+    # ---- loaders ------------------------------------------------------------------------
+    def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, self.eval_batch_size, shuffle=False)
+
+
+def find_split_files(directory: Path) -> dict[str, Path]:
+    """{split: path} for wiki.{train,valid,test}.tokens (plain preferred, else .xz) in `directory`,
+    with one-line errors for a missing folder, a missing file or an empty file."""
+    layout = "wiki.train.tokens, wiki.valid.tokens and wiki.test.tokens (plain or .xz)"
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"WikiText data directory not found: {str(directory)!r}; pass source=bundled, hf:<config>, "
+            f"or a directory holding {layout}"
+        )
+    files = {}
+    for split in SPLITS:
+        plain = directory / f"wiki.{split}.tokens"
+        path = plain if plain.is_file() else plain.with_name(plain.name + ".xz")
+        if not path.is_file():
+            raise FileNotFoundError(f"missing wiki.{split}.tokens (or .xz) in {str(directory)!r}; it needs {layout}")
+        if _is_empty(path):
+            raise ValueError(f"{str(path)!r} is empty; every split file needs at least one line of text")
+        files[split] = path
+    return files
+
+
+def _is_empty(path: Path) -> bool:
+    if path.suffix == ".xz":
+        with lzma.open(path, "rb") as f:
+            return f.read(1) == b""
+    return path.stat().st_size == 0

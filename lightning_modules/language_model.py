@@ -1,0 +1,243 @@
+"""LanguageModel: the one LightningModule that trains any resnet_bk language model.
+
+The network is any nn.Module with forward(input_ids (B, N)) -> LMOutput(logits, aux_losses, stats)
+(resnet_bk.models). It is given as a factory `network(vocab_size)`, so a config names the network
+class and its width/depth, and the CLI supplies vocab_size from the data module.
+
+Loss = token-weighted cross-entropy (targets == -100 are ignored) + sum_k weight_k * aux_k.
+Validation/test perplexity is token-weighted over the whole split: exp(sum NLL / number of tokens),
+accumulated across batches (and across processes under DDP), never a mean of per-batch means.
+Under DDP, Lightning's DistributedSampler repeats up to world_size - 1 windows to even out the
+ranks, and those are counted twice: report figures from a single-device validate/test.
+
+Variants (ACT, multi-scale, sparsity) are small subclasses: the network reports its extra losses in
+LMOutput.aux_losses and its extra scalars in LMOutput.stats, and they are weighted and logged here.
+A subclass adds a weight as an init arg, e.g.
+
+    class ACTLanguageModel(LanguageModel):
+        def __init__(self, *args, ponder_weight: float = 0.01, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.aux_loss_weights["ponder"] = ponder_weight
+
+or overrides compute_loss(batch, stage) to add terms and logs without re-implementing the steps.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, Callable, NamedTuple
+
+import lightning as L
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from torch.utils.tensorboard.summary import hparams
+from torchmetrics.aggregation import MeanMetric
+
+IGNORE_INDEX = -100
+
+#: Every aux loss the network returns needs a weight; this is the default for the MoE router.
+DEFAULT_AUX_LOSS_WEIGHTS = {"load_balance": 0.01}
+
+
+class LossOutput(NamedTuple):
+    """What compute_loss returns for one batch."""
+
+    loss: torch.Tensor  # what is optimised: ce + sum of weighted aux losses
+    nll_sum: torch.Tensor  # summed NLL over the scored tokens (for token-weighted perplexity)
+    n_tokens: torch.Tensor  # number of scored tokens (targets != -100)
+    logs: dict[str, torch.Tensor]  # logged as "<stage>/<key>": "ce", "aux/<name>", "stats/<name>"
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: float, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1 over warmup_steps, then cosine decay to min_lr_ratio at total_steps.
+
+    step counts optimizer steps from 0; the first step already gets 1 / warmup_steps (not 0).
+    Past total_steps the multiplier stays at min_lr_ratio.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1.0, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class LanguageModel(L.LightningModule):
+    """Next-token training of `network(vocab_size)` with AdamW and warmup + cosine LR.
+
+    Args:
+        network: a factory called as network(vocab_size) that returns the model, e.g. the class
+            resnet_bk.models.ResNetBKLM or functools.partial(ResNetBKLM, d_model=64). In a config it
+            is a class_path/init_args block without vocab_size.
+        vocab_size: from the data module (the CLI links data.vocab_size to it).
+        lr: peak learning rate.
+        weight_decay: AdamW weight decay on matrices; biases, norms and embeddings get none.
+        betas: AdamW betas.
+        warmup_steps: linear warmup length in optimizer steps.
+        min_lr_ratio: the cosine decays to lr * min_lr_ratio at trainer.estimated_stepping_batches.
+        aux_loss_weights: weight of each aux loss the network returns, by name. A returned aux loss
+            without a weight is an error (so no term is silently dropped or added); a weight whose loss
+            the network never returns is harmless (e.g. load_balance for a dense model).
+    """
+
+    def __init__(
+        self,
+        network: Callable[[int], nn.Module],
+        vocab_size: int,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        aux_loss_weights: dict[str, float] = DEFAULT_AUX_LOSS_WEIGHTS,
+    ):
+        super().__init__()
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"LanguageModel: min_lr_ratio must be in [0, 1], got {min_lr_ratio}.")
+        if warmup_steps < 0:
+            raise ValueError(f"LanguageModel: warmup_steps must be >= 0, got {warmup_steps}.")
+        # Under the CLI, hparams are the parsed config (network as its class_path/init_args block).
+        self.save_hyperparameters()
+        self.model = network(vocab_size)
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
+        self.aux_loss_weights = dict(aux_loss_weights)
+        # Token-weighted mean NLL: MeanMetric(value=batch mean NLL, weight=batch token count) keeps
+        # sum(nll) and sum(tokens) as states and sums both across processes.
+        self.val_nll = MeanMetric()
+        self.test_nll = MeanMetric()
+        self._hparams_summary_written = False
+
+    def forward(self, input_ids: torch.Tensor):
+        return self.model(input_ids)
+
+    # ----------------------------------------------------------------------------------- loss
+    def compute_loss(self, batch: dict[str, torch.Tensor], stage: str) -> LossOutput:
+        """One forward pass and its loss. Subclasses override this (calling super) to add terms."""
+        out = self(batch["input_ids"])
+        targets = batch["targets"]
+        nll_sum = F.cross_entropy(
+            out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        n_tokens = (targets != IGNORE_INDEX).sum()
+        ce = nll_sum / n_tokens.clamp_min(1)
+        loss = ce
+        logs = {"ce": ce.detach()}
+        for name, value in out.aux_losses.items():
+            if name not in self.aux_loss_weights:
+                raise ValueError(
+                    f"aux loss {name!r} returned by {type(self.model).__name__} has no weight: "
+                    f"add it to model.init_args.aux_loss_weights (now {self.aux_loss_weights})."
+                )
+            loss = loss + self.aux_loss_weights[name] * value
+            logs[f"aux/{name}"] = value.detach()
+        for name, value in out.stats.items():
+            logs[f"stats/{name}"] = torch.as_tensor(value).detach()
+        return LossOutput(loss, nll_sum.detach(), n_tokens, logs)
+
+    def _checked_loss(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str) -> LossOutput:
+        result = self.compute_loss(batch, stage)
+        # NaN guard: stop before the step is logged, applied or checkpointed.
+        if not torch.isfinite(result.loss):
+            raise FloatingPointError(
+                f"non-finite {stage} loss ({result.loss.item()}) at global step {self.global_step}, "
+                f"batch {batch_idx} (ce={result.logs['ce'].item()}); "
+                "try a lower lr or trainer.gradient_clip_val."
+            )
+        return result
+
+    # ---------------------------------------------------------------------------------- steps
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        result = self._checked_loss(batch, batch_idx, "train")
+        bs = batch["input_ids"].shape[0]
+        self.log("train/loss", result.loss.detach(), prog_bar=True, batch_size=bs)
+        self.log_dict({f"train/{k}": v for k, v in result.logs.items()}, batch_size=bs)
+        return result.loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val", self.val_nll)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test", self.test_nll)
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str, nll: MeanMetric) -> None:
+        result = self._checked_loss(batch, batch_idx, stage)
+        nll.update(result.nll_sum / result.n_tokens.clamp_min(1), weight=result.n_tokens)
+        # aux losses and stats of held-out data: batch means (they are diagnostics, not the metric).
+        logs = {f"{stage}/{k}": v for k, v in result.logs.items() if k != "ce"}
+        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_perplexity("val", self.val_nll)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_perplexity("test", self.test_nll)
+
+    def _log_perplexity(self, stage: str, nll: MeanMetric) -> None:
+        mean_nll = nll.compute()  # synced across processes: sum(nll) / sum(tokens)
+        nll.reset()
+        self.log(f"{stage}/loss", mean_nll, prog_bar=stage == "val")
+        self.log(f"{stage}/ppl", mean_nll.exp(), prog_bar=stage == "val")
+
+    # ------------------------------------------------------------------------------ optimizer
+    def configure_optimizers(self) -> dict[str, Any]:
+        # No decay on biases and norm weights (ndim < 2) nor on embeddings (incl. a head tied to one).
+        embeddings = {id(p) for m in self.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+        decay, no_decay = [], []
+        for p in self.parameters():  # each tied tensor once
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [  # the names label LearningRateMonitor's curves: lr-AdamW/decay, lr-AdamW/no_decay
+                {"name": "decay", "params": decay, "weight_decay": self.weight_decay},
+                {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.lr,
+            betas=self.betas,
+        )
+        total_steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total_steps):
+            raise ValueError("LanguageModel: the cosine schedule needs a finite trainer.max_steps or max_epochs.")
+        schedule = partial(
+            warmup_cosine, warmup_steps=self.warmup_steps, total_steps=total_steps, min_lr_ratio=self.min_lr_ratio
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -------------------------------------------------------------------------------- hparams
+    def on_fit_start(self) -> None:
+        self._log_hparams_summary()
+
+    def on_validation_start(self) -> None:
+        self._log_hparams_summary()
+
+    def on_test_start(self) -> None:
+        self._log_hparams_summary()
+
+    @rank_zero_only
+    def _log_hparams_summary(self) -> None:
+        """Register the hparams with TensorBoard's HPARAMS tab, with val/test loss and ppl as its metrics.
+
+        Lightning writes this summary only together with metric values (or the placeholder
+        hp_metric); here only the metric names are registered and the tab reads their latest values
+        from the scalars logged during the run.
+        """
+        if self._hparams_summary_written:
+            return
+        params = dict(self.hparams)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None:
+            params.update({f"data/{k}": v for k, v in getattr(datamodule, "hparams", {}).items()})
+        params = {k: v for k, v in params.items() if not k.endswith("_instantiator")}  # CLI bookkeeping
+        metrics = {f"{s}/{m}": 0.0 for s in ("val", "test") for m in ("loss", "ppl")}
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                flat = logger._sanitize_params(_flatten_dict(_convert_params(params)))
+                writer = logger.experiment._get_file_writer()
+                for summary in hparams(flat, metrics):
+                    writer.add_summary(summary)
+        self._hparams_summary_written = True
+

@@ -17,7 +17,11 @@ Two interchangeable implementations of the same recurrences live here:
   * ``"sequential"``: a Python loop over positions, vectorised over the batch (the specification);
   * ``"scan"``: a log-depth (Hillis-Steele) scan of normalised 2x2 Moebius matrices, ~log2(N) tensor
     ops instead of N, the default on CPU.
-A fused GPU kernel slots in behind the same ``green_diagonal`` (``resnet_bk.kernels``).
+A fused GPU kernel slots in behind the same ``green_diagonal``: ``method="triton"``
+(``resnet_bk.kernels.bk_triton``, tested against these paths), chosen by ``"auto"`` on CUDA when
+Triton is installed; ``use_method`` forces either path. Under ``torch.compile`` every method runs
+as the ``torch.library`` custom op ``resnet_bk::green_diagonal`` (``resnet_bk.kernels.bk_op``), so
+the core never breaks a graph.
 ``dense_green_diagonal`` is the O(N^3) float64 reference, for tests only.
 
 Gradients: ``_ResolventDiagonal`` is an autograd Function whose backward is the exact adjoint
@@ -27,12 +31,15 @@ memory cost is O(N) per sequence and ``torch.autograd.gradcheck`` passes in floa
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Literal, Union
+from typing import Literal, Optional, Union
 
 import torch
 
-Method = Literal["auto", "scan", "sequential"]
+from resnet_bk.kernels import bk_op
+
+Method = Literal["auto", "scan", "sequential", "triton"]
 ComplexLike = Union[complex, float, torch.Tensor]
 
 _COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
@@ -187,7 +194,11 @@ class _ResolventDiagonal(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
-def _check_inputs(diag: torch.Tensor, sub: torch.Tensor, sup: torch.Tensor, z: ComplexLike) -> None:
+def _check_inputs(
+    diag: torch.Tensor, sub: torch.Tensor, sup: torch.Tensor, z: ComplexLike, check_values: bool = True
+) -> None:
+    """Shapes and dtypes always; with check_values also finiteness and Im z > 0 of tensors, which
+    reads device values (a host sync: not allowed under torch.compile or CUDA-graph capture)."""
     if diag.dim() != 2:
         raise ValueError(f"green_diagonal: diag must have shape (B, N), got {tuple(diag.shape)}.")
     b, n = diag.shape
@@ -204,8 +215,12 @@ def _check_inputs(diag: torch.Tensor, sub: torch.Tensor, sup: torch.Tensor, z: C
             raise ValueError(f"green_diagonal: {name} must be a real floating tensor, got {t.dtype}.")
         if t.dtype not in _COMPLEX_OF and t.dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"green_diagonal: unsupported dtype {t.dtype} for {name}.")
-        if not bool(torch.isfinite(t).all()):
+        if check_values and not bool(torch.isfinite(t).all()):
             raise ValueError(f"green_diagonal: {name} contains NaN or Inf; check the layer that produced it.")
+    if not check_values:
+        if not isinstance(z, torch.Tensor) and not (isinstance(z, complex) and z.imag > 0):
+            raise ValueError(f"green_diagonal: Im z must be > 0 (got z = {z!r}), e.g. z = 1j.")
+        return
     im = torch.as_tensor(z).imag if (isinstance(z, torch.Tensor) and z.is_complex()) or isinstance(z, complex) else None
     if im is None or not bool((torch.as_tensor(im) > 0).all()):
         raise ValueError(
@@ -214,6 +229,52 @@ def _check_inputs(diag: torch.Tensor, sub: torch.Tensor, sup: torch.Tensor, z: C
         )
     if isinstance(z, torch.Tensor) and not bool(torch.isfinite(torch.view_as_real(z)).all()):
         raise ValueError("green_diagonal: z contains NaN or Inf.")
+
+
+_METHOD_OVERRIDE: Optional[str] = None
+
+
+@contextlib.contextmanager
+def use_method(method: Optional[str]):
+    """Force what ``method="auto"`` resolves to inside the block, e.g. ``use_method("scan")`` to run
+    the PyTorch path on CUDA, or ``use_method("triton")``; ``None`` restores the default choice.
+    Explicit ``method=`` arguments are not affected."""
+    global _METHOD_OVERRIDE
+    if method not in (None, "scan", "sequential", "triton"):
+        raise ValueError(f"use_method: unknown method {method!r}; use 'scan', 'sequential', 'triton' or None.")
+    old, _METHOD_OVERRIDE = _METHOD_OVERRIDE, method
+    try:
+        yield
+    finally:
+        _METHOD_OVERRIDE = old
+
+
+def _resolve_method(method: str, diag: torch.Tensor) -> str:
+    if method == "auto":
+        if _METHOD_OVERRIDE is not None:
+            return _METHOD_OVERRIDE
+        if diag.is_cuda and bk_op.HAS_TRITON and diag.dtype in bk_op.TRITON_DTYPES:
+            return "triton"
+        return "scan"
+    if method not in _RICCATI and method != "triton":
+        raise ValueError(f"green_diagonal: unknown method {method!r}; use 'auto', 'scan', 'sequential' or 'triton'.")
+    return method
+
+
+def _tracing_or_capturing(t: torch.Tensor) -> bool:
+    """Under torch.compile tracing or CUDA-graph capture, where a host sync is an error."""
+    if torch.compiler.is_compiling():
+        return True
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _alpha_and_k(diag: torch.Tensor, sub: torch.Tensor, sup: torch.Tensor, z: ComplexLike):
+    """alpha = a - z and k = b c as complex tensors (complex128 for float64 input, else complex64)."""
+    real_dtype = diag.dtype if diag.dtype in _COMPLEX_OF else torch.float32
+    cdtype = _COMPLEX_OF[real_dtype]
+    alpha = diag.to(real_dtype).to(cdtype) - (z.to(cdtype) if isinstance(z, torch.Tensor) else z)
+    k = (sub.to(real_dtype) * sup.to(real_dtype)).to(cdtype)
+    return alpha, k
 
 
 def green_diagonal(
@@ -237,23 +298,25 @@ def green_diagonal(
         causal: True for g_i = [(H - zI)_{0..i}^-1]_ii, which depends on positions 0..i only (use it
             for next-token prediction); False for the full diagonal G_ii = [(H - zI)^-1]_ii, which
             depends on every position.
-        method: "scan" (log-depth), "sequential" (loop over positions) or "auto" (the fused GPU kernel
-            on CUDA when available, else "scan").
-        validate: check shapes, finiteness and Im z > 0 (costs a host sync on GPU).
+        method: "scan" (log-depth), "sequential" (loop over positions), "triton" (the fused kernels
+            of ``resnet_bk.kernels.bk_triton``: CUDA, float32/bf16/fp16 inputs, float32 arithmetic) or
+            "auto" ("triton" on CUDA when Triton is installed and the input is not float64, else
+            "scan"; ``use_method`` overrides this choice).
+        validate: check shapes, finiteness and Im z > 0. The value checks cost a host sync on GPU;
+            under torch.compile tracing and CUDA-graph capture they are skipped (shapes, dtypes and a
+            Python z are still checked), since a sync there is an error.
 
     Returns:
-        (B, N) complex64 for float32/bf16/fp16 input, complex128 for float64 input.
+        (B, N) complex64 for float32/bf16/fp16 input (and always for "triton"), complex128 for
+        float64 input.
     """
     if validate:
-        _check_inputs(diag, sub, sup, z)
-    if method == "auto":
-        method = "scan"
-    if method not in _RICCATI:
-        raise ValueError(f"green_diagonal: unknown method {method!r}; use 'auto', 'scan' or 'sequential'.")
-    real_dtype = diag.dtype if diag.dtype in _COMPLEX_OF else torch.float32
-    cdtype = _COMPLEX_OF[real_dtype]
-    alpha = diag.to(real_dtype).to(cdtype) - (z.to(cdtype) if isinstance(z, torch.Tensor) else z)
-    k = (sub.to(real_dtype) * sup.to(real_dtype)).to(cdtype)
+        _check_inputs(diag, sub, sup, z, check_values=not _tracing_or_capturing(diag))
+    method = _resolve_method(method, diag)
+    if method == "triton" or torch.compiler.is_compiling():
+        # Under torch.compile every method runs as one custom op (no graph break around the core).
+        return bk_op.fused_green_diagonal(diag, sub, sup, z, causal, method)
+    alpha, k = _alpha_and_k(diag, sub, sup, z)
     return _ResolventDiagonal.apply(alpha, k, causal, method)
 
 

@@ -1,0 +1,211 @@
+"""Adaptive computation time over layers, per position, with the skipped work really skipped.
+
+References:
+1) Graves 2016, "Adaptive Computation Time for Recurrent Neural Networks": the halting unit
+   p = sigmoid(w . s + b), the cumulative halting probability, the remainder R and the ponder
+   cost N + R.
+2) Dehghani et al. 2019, "Universal Transformers" (tensor2tensor): ACT over depth per position,
+   halting threshold 1 - eps with eps = 0.01, halting bias initialised to 1.0.
+
+The rule, for a stack of L steps (layers) and each position t on its own:
+
+    s_0 = input;  s_l = step_l(s_{l-1})              for the steps position t takes
+    p_l = sigmoid(w_l . norm(s_l) + b_l)               read from s_l only, for l = 1..L-1
+    N   = the first l with p_1 + ... + p_l >= threshold, else L (the last step always halts)
+    R   = 1 - (p_1 + ... + p_{N-1})                    the remainder
+    out = sum_{l<N} p_l s_l + R s_N                    the ACT-weighted state (a convex combination)
+    ponder = N + R                                     (its gradient flows through R only)
+
+Causality (DESIGN section 3): p_l at t reads s_l at t, which every step computes from positions
+0..t (the BK-core is causal), so N(t), R(t) and the output at t depend on tokens 0..t only.
+Stopping the layer loop once every position of the batch has halted changes no output (a halted
+position's output is final), so that batch-wide decision leaks nothing either.
+
+What a halted position costs in a later step (`run_bk_block` below):
+  skipped:  its feed-forward / MoE rows (the running rows are gathered, run and scattered back),
+            its halting unit, and the whole step once every position of the batch has halted;
+  not skipped: the step's LayerNorm and the BK-core `mix` (v_proj, the O(N) resolvent scan and
+            the Linear(2 -> D) read-out) over the whole sequence, because the resolvent chain at a
+            running position t runs through every position before it. A halted position enters
+            the mix with its frozen state in place of the feed-forward output: h = LN(x_frozen)
+            (the feed-forward is replaced by the identity), and its state stays x_frozen whatever
+            the step computes there.
+The mix is O(N) with a small constant (about 6 D FLOPs per position) against about 16 D^2 per
+position for the feed-forward at d_ff = 4D, so skipping the feed-forward is where the saving is.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from resnet_bk.layers.bk_layer import ResNetBKBlock
+
+#: A step of the stack: (x (B, N, D), running (B, N) bool or None = all) ->
+#: (x_new (B, N, D), aux_losses, stats, work). x_new is ignored at positions that are not running;
+#: work counts what the step executed, e.g. {"ffn_rows/res1": rows} (plain ints).
+Step = Callable[[torch.Tensor, Optional[torch.Tensor]], tuple]
+
+
+def active_rows(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """(B, N) bool mask -> flat indices (T,) into B*N of its True entries; None (all) stays None.
+
+    One host sync (the number of running rows decides the shapes of the gathered work).
+    """
+    return None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
+
+
+def run_bk_block(block: ResNetBKBlock, x: torch.Tensor, running: Optional[torch.Tensor] = None):
+    """One pre-norm ResNet-BK block, x + BKLayer(LN(x)), with the feed-forward on running rows only.
+
+    Args:
+        block: a ResNetBKBlock (its ln, bk.feed_forward and bk.mix are used).
+        x: (B, N, D) state.
+        running: (B, N) bool, the positions whose feed-forward runs; None: all of them.
+    Returns:
+        (x + out (B, N, D), aux_losses, stats, ffn_rows). At a position that is not running the
+        feed-forward output is replaced by LN(x) (see the module docstring) and the returned state
+        there is meaningless to the caller, who keeps its frozen state.
+    """
+    b, n, d = x.shape
+    xn = block.ln(x)
+    idx = active_rows(running)
+    if idx is None or idx.numel() == b * n:
+        h, aux, stats = block.bk.feed_forward(xn)
+        rows = b * n
+    else:
+        flat = xn.reshape(b * n, d)
+        rows = idx.numel()
+        if rows == 0:  # nothing runs (e.g. a coarse level whose pairs have all halted)
+            h, aux, stats = xn, {}, {}
+        else:
+            h_run, aux, stats = block.bk.feed_forward(flat.index_select(0, idx))
+            h = flat.index_copy(0, idx, h_run.to(flat.dtype)).view(b, n, d)
+    out, g = block.bk.mix(h)  # the whole sequence: the resolvent chain needs every position
+    stats = dict(stats)
+    stats["g_abs_mean"] = g.detach().abs().mean()
+    return x + out, aux, stats, rows
+
+
+class HaltingUnit(nn.Module):
+    """p = sigmoid(w . LN(s) + b) per position; LN without parameters makes p independent of the
+    scale of the residual stream. (..., D) -> (...,)."""
+
+    def __init__(self, d_model: int, bias_init: float = 1.0):
+        super().__init__()
+        self.proj = nn.Linear(d_model, 1)
+        self.bias_init = bias_init
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.proj.weight, mean=0.0, std=0.02)
+        nn.init.constant_(self.proj.bias, self.bias_init)
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(self.proj(F.layer_norm(s, s.shape[-1:])).squeeze(-1))
+        return p.to(torch.promote_types(p.dtype, torch.float32))  # at least float32 (autocast: bf16)
+
+
+class AdaptiveDepth(nn.Module):
+    """Graves' ACT over a stack of `n_steps` steps; it owns only the n_steps - 1 halting units.
+
+    forward(x, steps) with x (B, N, D) and `steps` a sequence of n_steps callables (see `Step`)
+    returns (y, aux_losses, stats, work):
+        y: (B, N, D) the ACT-weighted state;
+        aux_losses: {"ponder": mean over positions of N + R} plus the steps' aux losses, each
+            averaged over the steps that ran;
+        stats: "layers_executed" (mean N over positions), "layers_run" (steps the batch entered),
+            "halt_frac/<l>" (fraction of positions halting at step l, l = 1..n_steps), and the
+            steps' stats averaged over the steps that ran;
+        work: the steps' work counts, summed over the steps that ran.
+
+    Args:
+        d_model: width of the state.
+        n_steps: L, the most steps a position can take.
+        threshold: a position halts once its cumulative halting probability reaches this (1 - eps).
+        halt_bias_init: initial bias of every halting unit; 1.0 (p ~ 0.73) as in Universal
+            Transformers, so at initialisation every position halts at step 2. A negative value
+            (e.g. -2: p ~ 0.12) starts with every position running all steps.
+    """
+
+    def __init__(self, d_model: int, n_steps: int, threshold: float = 0.99, halt_bias_init: float = 1.0):
+        super().__init__()
+        if n_steps < 1:
+            raise ValueError(f"AdaptiveDepth: n_steps must be >= 1, got {n_steps}.")
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"AdaptiveDepth: threshold must be in (0, 1], got {threshold}.")
+        self.n_steps, self.threshold = n_steps, threshold
+        # The last step always halts, so it needs no halting unit.
+        self.halting = nn.ModuleList(HaltingUnit(d_model, halt_bias_init) for _ in range(n_steps - 1))
+
+    def forward(self, x: torch.Tensor, steps: Sequence[Step]):
+        if len(steps) != self.n_steps:
+            raise ValueError(f"AdaptiveDepth: expected {self.n_steps} steps, got {len(steps)}.")
+        b, n, d = x.shape
+        # sum of p over the steps taken, before halting; at least float32 (under autocast too)
+        cum = x.new_zeros(b, n, dtype=torch.promote_types(x.dtype, torch.float32))
+        remainder = torch.zeros_like(cum)
+        n_updates = torch.zeros_like(cum)
+        running = torch.ones(b, n, dtype=torch.bool, device=x.device)
+        y = torch.zeros_like(x)
+        halt_frac = [cum.new_zeros(()) for _ in range(self.n_steps)]
+        aux_sums: dict[str, list] = {}  # name -> values, one per step that returned it
+        stat_sums: dict[str, list] = {}
+        work: dict[str, int] = {}
+        steps_run = 0
+        idx = None  # flat indices of the running positions; None while all run
+        for l, step in enumerate(steps):
+            if l > 0:
+                idx = active_rows(running)  # one host sync per step: skip the step, or gather
+                if idx.numel() == 0:
+                    break  # every position has halted: the remaining steps change no output
+                if idx.numel() == b * n:
+                    idx = None
+            all_running = idx is None
+            x_new, aux, stats, step_work = step(x, None if all_running else running)
+            steps_run += 1
+            for k, v in aux.items():
+                aux_sums.setdefault(k, []).append(v)
+            for k, v in stats.items():
+                stat_sums.setdefault(k, []).append(v)
+            for k, v in step_work.items():
+                work[k] = work.get(k, 0) + v
+            # Halted positions keep their frozen state.
+            x = x_new if all_running else torch.where(running.unsqueeze(-1), x_new, x)
+
+            if l < self.n_steps - 1:
+                p = self._halting_probability(l, x, idx)
+                new_cum = cum + p
+                halt_now = running & (new_cum >= self.threshold)
+            else:
+                p = new_cum = cum
+                halt_now = running
+            cont = running & ~halt_now
+            # Graves: weight p_l while running on, the remainder 1 - cum at the halting step.
+            weight = torch.where(halt_now, 1.0 - cum, torch.where(cont, p, torch.zeros_like(p)))
+            y = y + weight.unsqueeze(-1).to(x.dtype) * x
+            remainder = torch.where(halt_now, 1.0 - cum, remainder)
+            n_updates = n_updates + running.to(n_updates.dtype)
+            cum = torch.where(cont, new_cum, cum)
+            halt_frac[l] = halt_now.float().mean()
+            running = cont
+
+        aux_losses = {k: sum(v) / len(v) for k, v in aux_sums.items()}
+        aux_losses["ponder"] = (n_updates + remainder).mean()
+        stats = {k: sum(v) / len(v) for k, v in stat_sums.items()}
+        stats["layers_executed"] = n_updates.detach().mean()
+        stats["layers_run"] = float(steps_run)
+        for l, f in enumerate(halt_frac):
+            stats[f"halt_frac/{l + 1}"] = f.detach()
+        return y, aux_losses, stats, work
+
+    def _halting_probability(self, l: int, x: torch.Tensor, idx: Optional[torch.Tensor]) -> torch.Tensor:
+        """(B, N) p_l, computed on the running rows (flat indices idx; None: all) only, 0 elsewhere."""
+        if idx is None:
+            return self.halting[l](x)
+        b, n, d = x.shape
+        p_run = self.halting[l](x.reshape(b * n, d).index_select(0, idx))
+        return x.new_zeros(b * n, dtype=p_run.dtype).index_copy(0, idx, p_run).view(b, n)

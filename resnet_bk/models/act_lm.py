@@ -1,0 +1,80 @@
+"""ResNet-BK language model with adaptive computation time over its layers, per position.
+
+The plain ResNetBKLM (same embeddings, blocks, tied head, init), with Graves' ACT deciding per
+position how many blocks to take (resnet_bk.layers.act.AdaptiveDepth): a position whose cumulative
+halting probability reaches the threshold stops, its feed-forward/MoE rows are no longer computed,
+its state is frozen (and still feeds the later blocks' causal BK-core chain), and the layer loop
+ends once every position of the batch has halted. The LM head reads the ACT-weighted state.
+
+References:
+1) Graves 2016, "Adaptive Computation Time for Recurrent Neural Networks".
+2) Dehghani et al. 2019, "Universal Transformers": ACT over depth, per position.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from resnet_bk.layers.act import AdaptiveDepth, run_bk_block
+from resnet_bk.models.output import LMOutput
+from resnet_bk.models.resnet_bk_lm import ResNetBKLM
+
+
+class ACTResNetBKLM(ResNetBKLM):
+    """input_ids (B, N) -> LMOutput(logits (B, N, V), aux_losses, stats).
+
+    Args: those of ResNetBKLM (vocab_size first), and
+        act_threshold: a position halts once its cumulative halting probability reaches this.
+        halt_bias_init: initial bias of the halting units (1.0: every position takes 2 layers at
+            initialisation, as in Universal Transformers; negative: all layers at first).
+
+    aux_losses: "ponder" (mean N + R over positions, unweighted) and "load_balance" (mean over the
+        layers that ran; absent when num_experts = 1).
+    stats: "layers_executed" (mean over positions of the layers taken), "layers_run" (layers the
+        batch entered), "halt_frac/<l>" (fraction of positions halting at layer l), "ffn_rows_frac"
+        (feed-forward rows run / (positions * n_layers)), "g_abs_mean", expert loads.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int = 128,
+        n_layers: int = 4,
+        d_ff: int | None = None,
+        num_experts: int = 4,
+        top_k: int = 1,
+        max_seq_len: int = 1024,
+        z_real: float = 0.0,
+        z_imag: float = 1.0,
+        bk_scale: float = 1.0,
+        dropout: float = 0.0,
+        causal: bool = True,
+        act_threshold: float = 0.99,
+        halt_bias_init: float = 1.0,
+    ):
+        super().__init__(
+            vocab_size, d_model, n_layers, d_ff, num_experts, top_k, max_seq_len, z_real, z_imag, bk_scale, dropout, causal
+        )
+        self.act = AdaptiveDepth(d_model, n_layers, act_threshold, halt_bias_init)
+
+    def forward(self, input_ids: torch.Tensor) -> LMOutput:
+        b, n = input_ids.shape
+        if n > self.max_seq_len:
+            raise ValueError(
+                f"ACTResNetBKLM: input length {n} exceeds max_seq_len {self.max_seq_len}; "
+                "raise max_seq_len or lower seq_len."
+            )
+        pos = torch.arange(n, device=input_ids.device)
+        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))  # (B, N, D)
+
+        def step(block):
+            def run(x, running):
+                x, aux, stats, rows = run_bk_block(block, x, running)
+                return x, aux, stats, {"ffn_rows": rows}
+
+            return run
+
+        y, aux_losses, stats, work = self.act(x, [step(block) for block in self.blocks])
+        stats["ffn_rows_frac"] = work.get("ffn_rows", 0) / (b * n * len(self.blocks))
+        logits = self.lm_head(self.ln_f(y))
+        return LMOutput(logits=logits, aux_losses=aux_losses, stats=stats)

@@ -1,0 +1,68 @@
+"""ACT over multi-scale blocks: the model behind configs/act_multiscale.yaml.
+
+A MultiScaleLM whose blocks are the steps of Graves' ACT (resnet_bk.layers.act.AdaptiveDepth):
+each position decides after each multi-scale block whether to stop. For a halted position,
+  - its state is frozen (and still enters the later blocks' pooling and BK-core chains),
+  - its full-resolution refinement feed-forward is skipped (gathered rows),
+  - a coarse token's feed-forward is skipped once both positions it pools have halted (the rule
+    reads positions 2j, 2j+1 only, and the token feeds positions >= 2j+1: causal),
+and the block loop ends once every position of the batch has halted. The BK-core mixes and the
+O(D) pooling/upsampling still run over every position (see resnet_bk.layers.act).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from resnet_bk.layers.act import AdaptiveDepth
+from resnet_bk.layers.multiscale import Refine
+from resnet_bk.models.multiscale_lm import MultiScaleLM, work_stats
+from resnet_bk.models.output import LMOutput
+
+
+class ACTMultiScaleLM(MultiScaleLM):
+    """input_ids (B, N) -> LMOutput(logits, aux_losses, stats).
+
+    Args: those of MultiScaleLM (vocab_size first), and act_threshold, halt_bias_init as for
+    resnet_bk.models.act_lm.ACTResNetBKLM (here a step is a whole multi-scale block).
+
+    aux_losses: "ponder" (mean N + R, unweighted), "load_balance".
+    stats: those of MultiScaleLM (now counting only the feed-forward rows that ran) and of
+        AdaptiveDepth: "layers_executed" (mean multi-scale blocks taken per position),
+        "layers_run", "halt_frac/<l>".
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int = 128,
+        n_blocks: int = 2,
+        hierarchical: bool = False,
+        refine: Refine = "bk",
+        refine_d_ff: Optional[int] = None,
+        d_ff: Optional[int] = None,
+        num_experts: int = 4,
+        top_k: int = 1,
+        max_seq_len: int = 1024,
+        z_real: float = 0.0,
+        z_imag: float = 1.0,
+        bk_scale: float = 1.0,
+        dropout: float = 0.0,
+        causal: bool = True,
+        act_threshold: float = 0.99,
+        halt_bias_init: float = 1.0,
+    ):
+        super().__init__(
+            vocab_size, d_model, n_blocks, hierarchical, refine, refine_d_ff, d_ff, num_experts, top_k,
+            max_seq_len, z_real, z_imag, bk_scale, dropout, causal,
+        )  # fmt: skip
+        self.act = AdaptiveDepth(d_model, n_blocks, act_threshold, halt_bias_init)  # after the base init
+
+    def forward(self, input_ids: torch.Tensor) -> LMOutput:
+        x = self.embed(input_ids)
+        y, aux_losses, stats, work = self.act(x, list(self.blocks))
+        stats.update(work_stats(work, input_ids.numel()))
+        logits = self.lm_head(self.ln_f(y))
+        return LMOutput(logits=logits, aux_losses=aux_losses, stats=stats)

@@ -1,0 +1,129 @@
+"""Multi-scale ResNet-BK language model: a stack of multi-scale blocks (resnet_bk.layers.multiscale).
+
+Each block pools position pairs causally, runs ResNet-BK blocks at N/2 (and N/4 when
+hierarchical), upsamples with a one-position shift so that no position sees a coarse token that
+pooled its future, and refines at full resolution. Embeddings, final LayerNorm, tied head and init
+are those of ResNetBKLM.
+
+References:
+1) The ResNet-BK seeds (shared/seeds/000_*, 002_*): the simple N -> N/2 -> N and hierarchical
+   N -> N/2 -> N/4 -> N/2 -> N layouts; their symmetric convolutions and fixed n_seq are replaced
+   by causal per-channel pooling/upsampling that works for any N.
+2) Nawrot et al. 2022, "Hierarchical Transformers Are More Efficient Language Models"
+   (Hourglass): shortening by pooling, and the shift before upsampling that keeps it causal.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from resnet_bk.layers.bk_layer import ResNetBKBlock
+from resnet_bk.layers.multiscale import MLPRefine, MultiScaleBlock, Refine
+from resnet_bk.models.output import LMOutput
+from resnet_bk.models.resnet_bk_lm import _init_weights
+
+RESOLUTIONS = (1, 2, 4)
+
+
+class MultiScaleLM(nn.Module):
+    """input_ids (B, N) long -> LMOutput(logits (B, N, V), aux_losses, stats).
+
+    Args:
+        vocab_size: V (first positional argument: the CLI injects it from the data).
+        d_model: width D.
+        n_blocks: number of multi-scale blocks. A simple block holds 2 ResNet-BK blocks (one at
+            N/2, one at N when refine="bk"), a hierarchical one 4 (N/2, N/4, N/2, N): for equal
+            parameters with a ResNetBKLM of L layers use n_blocks = L/2 (simple) or L/4.
+        hierarchical: False: N -> N/2 -> N blocks; True: N -> N/2 -> N/4 -> N/2 -> N.
+        refine: "bk" (a ResNet-BK block at full resolution) or "mlp" (position-wise MLP).
+        refine_d_ff: hidden width of the "mlp" refinement (default d_ff).
+        d_ff, num_experts, top_k, max_seq_len, z_real, z_imag, bk_scale, dropout, causal: as for
+            ResNetBKLM; every ResNet-BK block at any resolution has its own MoE feed-forward.
+
+    aux_losses: {"load_balance": mean over BK blocks} (empty when num_experts = 1), unweighted.
+    stats: "ffn_rows/res<r>" and "mix_tokens/res<r>" (r = 1, 2, 4: full, half, quarter
+        resolution): feed-forward rows and BK-core positions processed at that resolution, summed
+        over blocks, per input position; "g_abs_mean" and expert loads (means over BK blocks).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int = 128,
+        n_blocks: int = 2,
+        hierarchical: bool = False,
+        refine: Refine = "bk",
+        refine_d_ff: Optional[int] = None,
+        d_ff: Optional[int] = None,
+        num_experts: int = 4,
+        top_k: int = 1,
+        max_seq_len: int = 1024,
+        z_real: float = 0.0,
+        z_imag: float = 1.0,
+        bk_scale: float = 1.0,
+        dropout: float = 0.0,
+        causal: bool = True,
+    ):
+        super().__init__()
+        if n_blocks < 1:
+            raise ValueError(f"{type(self).__name__}: n_blocks must be >= 1, got {n_blocks}.")
+        d_ff = 4 * d_model if d_ff is None else d_ff
+        self.max_seq_len, self.causal = max_seq_len, causal
+        self.tok_emb = nn.Embedding(vocab_size, d_model)
+        self.pos_emb = nn.Embedding(max_seq_len, d_model)
+        self.drop = nn.Dropout(dropout)
+        z = complex(z_real, z_imag)
+        self.blocks = nn.ModuleList(
+            MultiScaleBlock(d_model, d_ff, num_experts, top_k, z, bk_scale, causal, dropout, hierarchical, refine, refine_d_ff)
+            for _ in range(n_blocks)
+        )
+        self.ln_f = nn.LayerNorm(d_model)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight  # weight tying
+
+        self.apply(_init_weights)
+        # nanoGPT: the projections that write into a residual stream get std 0.02 / sqrt(2 * number
+        # of residual blocks) (all resolutions counted, as in a plain stack of that many blocks).
+        n_residual = sum(isinstance(m, (ResNetBKBlock, MLPRefine)) for m in self.modules())
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_residual))
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        n = input_ids.shape[1]
+        if n > self.max_seq_len:
+            raise ValueError(
+                f"{type(self).__name__}: input length {n} exceeds max_seq_len {self.max_seq_len}; "
+                "raise max_seq_len or lower seq_len."
+            )
+        pos = torch.arange(n, device=input_ids.device)
+        return self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))  # (B, N, D)
+
+    def forward(self, input_ids: torch.Tensor) -> LMOutput:
+        x = self.embed(input_ids)
+        aux_sums: dict[str, list] = {}
+        stat_sums: dict[str, list] = {}
+        work: dict[str, int] = {}
+        for block in self.blocks:
+            x, aux, stats, counts = block(x)
+            for k, v in aux.items():
+                aux_sums.setdefault(k, []).append(v)
+            for k, v in stats.items():
+                stat_sums.setdefault(k, []).append(v)
+            for k, v in counts.items():
+                work[k] = work.get(k, 0) + v
+        logits = self.lm_head(self.ln_f(x))
+        aux_losses = {k: sum(v) / len(v) for k, v in aux_sums.items()}
+        stats = {k: sum(v) / len(v) for k, v in stat_sums.items()}
+        stats.update(work_stats(work, input_ids.numel()))
+        return LMOutput(logits=logits, aux_losses=aux_losses, stats=stats)
+
+
+def work_stats(work: dict[str, int], n_positions: int) -> dict[str, float]:
+    """Work counts -> per-input-position floats, with every resolution's keys present (0 if unused)."""
+    keys = [f"{kind}/res{r}" for kind in ("ffn_rows", "mix_tokens") for r in RESOLUTIONS]
+    return {k: work.get(k, 0) / max(n_positions, 1) for k in keys}

@@ -1,0 +1,123 @@
+"""Conditional mixture of experts: each token chooses HOW MANY experts it uses (top-p routing).
+
+References:
+1) Huang et al. 2024, "Harder Tasks Need More Experts: Dynamic Routing in MoE Models": top-p
+   routing (a token takes the most probable experts until their probabilities sum to p) and the
+   router-entropy "dynamic loss" that pushes confident routers to use fewer experts.
+2) Switch Transformers (Fedus et al. 2021): the load-balancing loss num_experts * sum_e f_e P_e.
+
+Per token t with router probabilities p_t (softmax over E experts, sorted descending p_(1) >= ...):
+
+    k_t = smallest k with p_(1) + ... + p_(k) >= top_p, clamped to [min_experts, max_experts]
+    out_t = sum over the k_t chosen experts e of p_t[e] * expert_e(x_t)
+
+The gates are the raw router probabilities (not renormalised over the chosen set): a token that
+takes one expert would otherwise get the gate 1 and the router no gradient from the LM loss.
+
+Causality (DESIGN section 3): k_t and the chosen experts depend on x_t alone; there is no expert
+capacity (a capacity limit drops tokens depending on what other positions chose).
+
+Compute: each expert runs on exactly the rows routed to it (index_select -> expert -> index_add),
+so a token that takes one expert costs one expert MLP; nothing is computed densely and masked.
+
+Aux losses (unweighted; the training module weights them):
+  "load_balance": Switch loss with f_e = fraction of all (token, expert) rows sent to e;
+  "compute": mean router entropy / log(E), in [0, 1]. The number of experts a token takes is a
+      step function of its probabilities (no gradient); a low-entropy router reaches top_p with
+      fewer experts, so this is the differentiable price of compute (reference 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from resnet_bk.layers.moe import Expert
+
+
+def top_p_expert_mask(probs: torch.Tensor, top_p: float, min_experts: int, max_experts: int) -> torch.Tensor:
+    """(T, E) probabilities -> (T, E) bool, True where the token uses that expert.
+
+    A token keeps its most probable experts until their probabilities reach top_p (the expert that
+    crosses top_p is kept), at least min_experts and at most max_experts of them. Row-wise only.
+    """
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_p.cumsum(-1) - sorted_p  # probability of the experts ranked above
+    rank = torch.arange(probs.shape[-1], device=probs.device)
+    keep_sorted = (mass_before < top_p) | (rank < min_experts)
+    keep_sorted &= rank < max_experts
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+class ConditionalMoEFeedForward(nn.Module):
+    """Top-p routed mixture of `num_experts` MLPs; a token uses min_experts..max_experts of them.
+
+    forward(x) with x (..., d_model) returns (out (..., d_model), aux_losses, stats):
+      aux_losses: {"load_balance", "compute"} scalars, unweighted (see the module docstring);
+      stats: detached scalars "experts_per_token" (mean k_t), "expert_load/<e>" (fraction of the
+        routed rows that expert e ran) and "expert_load_max" (1/num_experts when balanced).
+    After each forward, `last_rows_per_expert` lists how many rows each expert ran on; they sum to
+    sum_t k_t, the work actually done.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int = 4,
+        top_p: float = 0.5,
+        min_experts: int = 1,
+        max_experts: int | None = None,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        max_experts = num_experts if max_experts is None else max_experts
+        if num_experts < 2:
+            raise ValueError(f"ConditionalMoEFeedForward: num_experts must be >= 2, got {num_experts}.")
+        if not 1 <= min_experts <= max_experts <= num_experts:
+            raise ValueError(
+                "ConditionalMoEFeedForward: need 1 <= min_experts <= max_experts <= num_experts, got "
+                f"min_experts={min_experts}, max_experts={max_experts}, num_experts={num_experts}."
+            )
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"ConditionalMoEFeedForward: top_p must be in (0, 1], got {top_p}.")
+        self.num_experts, self.top_p = num_experts, top_p
+        self.min_experts, self.max_experts = min_experts, max_experts
+        self.router = nn.Linear(d_model, num_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(d_model, d_ff) for _ in range(num_experts))
+        self.dropout = nn.Dropout(dropout)
+        self.last_rows_per_expert: list[int] = []
+
+    def forward(self, x: torch.Tensor):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (T, D)
+        probs = F.softmax(self.router(x).float(), dim=-1)  # (T, E); float: the cumsum decides k
+        chosen = top_p_expert_mask(probs.detach(), self.top_p, self.min_experts, self.max_experts)
+
+        # (expert, token) pairs grouped by expert: nonzero of the transposed mask is expert-major.
+        pair_expert, pair_token = chosen.t().nonzero(as_tuple=True)
+        counts_t = torch.bincount(pair_expert, minlength=self.num_experts)
+        counts = counts_t.tolist()  # split sizes live on the host: one sync per layer
+        self.last_rows_per_expert = counts
+        gates = probs[pair_token, pair_expert].unsqueeze(-1)  # raw router probability of each pair
+
+        out = torch.zeros_like(x)
+        for e, (tokens, gate) in enumerate(zip(pair_token.split(counts), gates.split(counts))):
+            if tokens.numel() == 0:
+                continue
+            y = self.experts[e](x.index_select(0, tokens)) * gate.to(x.dtype)
+            out = out.index_add(0, tokens, y.to(out.dtype))  # .to: autocast may run experts in bf16
+
+        n_rows = max(pair_token.numel(), 1)
+        f = counts_t.to(probs.dtype) / n_rows
+        load_balance = self.num_experts * (f * probs.mean(0)).sum()
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+        compute = entropy / math.log(self.num_experts)
+        stats = {f"expert_load/{e}": f[e] for e in range(self.num_experts)}
+        stats["expert_load_max"] = f.max()
+        stats["experts_per_token"] = counts_t.sum().to(probs.dtype) / max(x.shape[0], 1)
+        aux_losses = {"load_balance": load_balance, "compute": compute}
+        return self.dropout(out).reshape(shape), aux_losses, stats

@@ -1,0 +1,155 @@
+"""ResNet-BK language model with a learned sequence length (causal dynamic token pooling).
+
+    x  = tok_emb + pos_emb                                   (B, N, D)
+    x  = pre blocks (full resolution)
+    b  = BoundaryPredictor(x)                                (B, N)  segment closes at t; from x_t only
+    z  = segment_pool(x, b)                                  (B, K, D)  K = closed segments, K <= N
+    y  = inner blocks (z)                                    the shortened sequence: the saving
+    x  = x + causal_upsample(y, b)                           segment j reaches positions >= its close
+    x  = post blocks (full resolution)
+    logits = tied head(LN(x))                                every position is scored
+
+The inner length K is learned per input: the boundary predictor decides it, and the training
+module pays for it with a length penalty (aux "length" = K / N, the seed's) or a binomial prior
+on the boundary rate (aux "boundary_prior", DTP's). See resnet_bk.layers.adaptive_length for the
+causality argument and for why the seed's pool-truncate-pad version cannot be used for LM.
+
+References: Nawrot et al. 2023 (Dynamic Token Pooling), Nawrot et al. 2022 (Hourglass), nanoGPT.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from resnet_bk.layers.adaptive_length import BoundaryPredictor, boundary_prior_nll, causal_upsample, segment_pool
+from resnet_bk.layers.bk_layer import ResNetBKBlock
+from resnet_bk.models.output import LMOutput
+from resnet_bk.models.resnet_bk_lm import _init_weights
+
+
+class AdaptiveLengthLM(nn.Module):
+    """input_ids (B, N) long -> LMOutput(logits (B, N, V), aux_losses, stats).
+
+    Args:
+        vocab_size, d_model, d_ff, num_experts, top_k, max_seq_len, z_real, z_imag, bk_scale,
+            dropout, causal: as ResNetBKLM.
+        n_pre, n_inner, n_post: ResNet-BK blocks before the pooling (full resolution), on the
+            shortened sequence, and after the upsampling (full resolution). n_pre >= 1, so the
+            boundary predictor reads contextual (causal) states, not bare embeddings.
+        boundary_temperature: Gumbel-sigmoid temperature of the boundary predictor.
+        init_boundary_rate: boundary rate at initialisation (the inner length starts near rate * N).
+        prior_rate: None: aux "length" = mean over rows of K / N (straight-through, so it trains the
+            predictor). A rate in (0, 1): aux "boundary_prior" = binomial NLL of K around prior_rate * N.
+        length_multiple: pad the inner length up to a multiple of this (the seed's length bins).
+        eval_sampling: in eval mode, sample the boundaries as in training instead of thresholding
+            the boundary probability at 0.5 (see BoundaryPredictor).
+
+    aux_losses: "load_balance" (mean over all blocks; with num_experts > 1) and "length" or
+        "boundary_prior"; unweighted.
+    stats: "compression_ratio" (B * N / closed segments), "inner_length_fraction" (executed inner
+        length K_pad / N), "boundary_rate", "g_abs_mean", expert loads.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int = 128,
+        n_pre: int = 1,
+        n_inner: int = 2,
+        n_post: int = 1,
+        d_ff: int | None = None,
+        num_experts: int = 4,
+        top_k: int = 1,
+        max_seq_len: int = 1024,
+        z_real: float = 0.0,
+        z_imag: float = 1.0,
+        bk_scale: float = 1.0,
+        dropout: float = 0.0,
+        causal: bool = True,
+        boundary_temperature: float = 1.0,
+        init_boundary_rate: float = 0.25,
+        prior_rate: float | None = None,
+        length_multiple: int = 1,
+        eval_sampling: bool = False,
+    ):
+        super().__init__()
+        if n_pre < 1 or n_inner < 0 or n_post < 0:
+            raise ValueError(
+                f"AdaptiveLengthLM: need n_pre >= 1, n_inner >= 0, n_post >= 0, got {n_pre}, {n_inner}, {n_post}."
+            )
+        if prior_rate is not None and not 0.0 < prior_rate < 1.0:
+            raise ValueError(f"AdaptiveLengthLM: prior_rate must be in (0, 1) or None, got {prior_rate}.")
+        if length_multiple < 1:
+            raise ValueError(f"AdaptiveLengthLM: length_multiple must be >= 1, got {length_multiple}.")
+        d_ff = 4 * d_model if d_ff is None else d_ff
+        self.max_seq_len, self.causal = max_seq_len, causal
+        self.prior_rate, self.length_multiple = prior_rate, length_multiple
+        z = complex(z_real, z_imag)
+
+        def blocks(n: int) -> nn.ModuleList:
+            return nn.ModuleList(
+                ResNetBKBlock(d_model, d_ff, num_experts, top_k, z, bk_scale, causal, dropout) for _ in range(n)
+            )
+
+        self.tok_emb = nn.Embedding(vocab_size, d_model)
+        self.pos_emb = nn.Embedding(max_seq_len, d_model)
+        self.drop = nn.Dropout(dropout)
+        self.pre_blocks, self.inner_blocks, self.post_blocks = blocks(n_pre), blocks(n_inner), blocks(n_post)
+        self.boundary = BoundaryPredictor(d_model, boundary_temperature, init_boundary_rate, eval_sampling)
+        self.null = nn.Parameter(torch.zeros(d_model))  # what a position sees before any segment closes
+        self.ln_f = nn.LayerNorm(d_model)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight
+
+        self.apply(_init_weights)
+        self.boundary.reset_bias()
+        n_layers = n_pre + n_inner + n_post
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layers))
+
+    def forward(self, input_ids: torch.Tensor) -> LMOutput:
+        bsz, n = input_ids.shape
+        if n > self.max_seq_len:
+            raise ValueError(
+                f"AdaptiveLengthLM: input length {n} exceeds max_seq_len {self.max_seq_len}; "
+                "raise max_seq_len or lower seq_len."
+            )
+        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(torch.arange(n, device=input_ids.device)))
+        sums: tuple[dict, dict] = ({}, {})
+        n_run = 0
+
+        def run(blocks: nn.ModuleList, h: torch.Tensor) -> torch.Tensor:
+            nonlocal n_run
+            for block in blocks:
+                h, aux, stats = block(h)
+                n_run += 1
+                for target, values in zip(sums, (aux, stats)):
+                    for k, v in values.items():
+                        target[k] = target.get(k, 0.0) + v
+            return h
+
+        x = run(self.pre_blocks, x)
+        b, p = self.boundary(x)
+        z, closed, k_pad = segment_pool(x, b, self.length_multiple)
+        y = run(self.inner_blocks, z) if k_pad > 0 else z
+        x = x + causal_upsample(y, b, self.null)
+        x = run(self.post_blocks, x)
+        logits = self.lm_head(self.ln_f(x))
+
+        n_run = max(n_run, 1)
+        aux_losses = {k: v / n_run for k, v in sums[0].items()}
+        stats = {k: v / n_run for k, v in sums[1].items()}
+        if self.prior_rate is None:
+            aux_losses["length"] = (b.sum(1) / max(n, 1)).mean()
+        else:
+            aux_losses["boundary_prior"] = boundary_prior_nll(b, self.prior_rate)
+        hard = b.detach() > 0.5
+        stats["compression_ratio"] = torch.tensor(float(bsz * n), device=x.device) / closed.sum().clamp_min(1)
+        stats["inner_length_fraction"] = torch.tensor(k_pad / max(n, 1))
+        stats["boundary_rate"] = hard.float().mean()
+        stats["boundary_prob_mean"] = p.detach().mean()
+        return LMOutput(logits=logits, aux_losses=aux_losses, stats=stats)

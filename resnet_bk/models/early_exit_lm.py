@@ -1,0 +1,203 @@
+"""ResNet-BK language model with per-position early exit through a shared, tied LM head.
+
+References: CALM (Schuster et al. 2022) for per-token exits from a shared head with a calibrated
+threshold and for copying an exited token's state to the layers it skips; DeeBERT / BranchyNet
+for intermediate heads trained with a weighted auxiliary loss. See resnet_bk.layers.early_exit.
+
+The intermediate head after layer l is the final one, lm_head(ln_f(x_l)) (shared and tied to the
+token embedding): no parameters are added.
+
+Two ways to run (forward(input_ids, exits=None); exits=None means "in eval mode, when a threshold
+is set"):
+
+  all layers (training, and eval without a threshold): every position runs every layer; the
+      output also carries the residual states after layers 1..L-1 (`layer_hidden`), so that the
+      training module can add the intermediate heads' cross-entropy.
+
+  with exits: after layer l (l >= min_exit_layer, l < L) the head runs on the still-active
+      positions; a position whose confidence reaches `exit_threshold` exits: its logits are that
+      layer's logits and it does no more work. In every later layer
+        - the feed-forward (the expensive, position-wise part) runs on the gathered active rows only;
+        - the BK-core `mix` still runs over the whole sequence, since the resolvent chain of a later,
+          active position passes through every earlier one. An exited position enters it with its
+          state copied forward: its last feed-forward output h (CALM's state propagation), and its
+          residual state x stays frozen;
+        - once no position is active the layer loop ends.
+      The head therefore runs once per layer a position is active in (its confidence), never again
+      at the end for exited positions.
+
+Causality: the exit decision at t reads x_t only, the copied state of t is t's own, and the
+feed-forward is position-wise, so logits at t still depend on tokens 0..t only.
+
+stats (besides ResNetBKLM's): "exit_layer_mean" (1-based; L for a position that never exits) and
+"ffn_rows_fraction" (feed-forward rows run / (L * B * N); 1.0 without exits).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from resnet_bk.layers.early_exit import Confidence, confidence
+from resnet_bk.models.output import LMOutput
+from resnet_bk.models.resnet_bk_lm import ResNetBKLM
+
+
+@dataclass
+class EarlyExitOutput(LMOutput):
+    """LMOutput plus the residual states after layers 1..L-1 (B, N, D) each; empty with exits."""
+
+    layer_hidden: list[torch.Tensor] = field(default_factory=list)
+
+
+class EarlyExitLM(ResNetBKLM):
+    """input_ids (B, N) -> EarlyExitOutput; ResNetBKLM with early exit (see the module docstring).
+
+    Args (besides ResNetBKLM's):
+        exit_threshold: confidence at which a position exits; None: never (the training module
+            calibrates it and stores it in the `exit_threshold` buffer, so checkpoints keep it).
+        confidence: "max_prob" or "entropy" (resnet_bk.layers.early_exit.confidence).
+        min_exit_layer: the first layer after which a position may exit (1..n_layers-1).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int = 128,
+        n_layers: int = 4,
+        d_ff: int | None = None,
+        num_experts: int = 4,
+        top_k: int = 1,
+        max_seq_len: int = 1024,
+        z_real: float = 0.0,
+        z_imag: float = 1.0,
+        bk_scale: float = 1.0,
+        dropout: float = 0.0,
+        causal: bool = True,
+        exit_threshold: float | None = None,
+        confidence: Confidence = "max_prob",
+        min_exit_layer: int = 1,
+    ):
+        super().__init__(
+            vocab_size,
+            d_model,
+            n_layers,
+            d_ff,
+            num_experts,
+            top_k,
+            max_seq_len,
+            z_real,
+            z_imag,
+            bk_scale,
+            dropout,
+            causal,
+        )
+        if confidence not in ("max_prob", "entropy"):
+            raise ValueError(f"EarlyExitLM: confidence must be 'max_prob' or 'entropy', got {confidence!r}.")
+        if n_layers >= 2 and not 1 <= min_exit_layer <= n_layers - 1:
+            raise ValueError(
+                f"EarlyExitLM: min_exit_layer must be in 1..n_layers-1={n_layers - 1}, got {min_exit_layer}."
+            )
+        self.confidence, self.min_exit_layer = confidence, min_exit_layer
+        # NaN = no threshold; a buffer so that the calibrated value is saved with the weights.
+        self.register_buffer("exit_threshold", torch.tensor(float("nan") if exit_threshold is None else exit_threshold))
+        self.last_ffn_rows: list[int] = []  # feed-forward rows per layer in the last forward
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared LM head: (..., D) residual states -> (..., V) logits."""
+        return self.lm_head(self.ln_f(x))
+
+    def forward(self, input_ids: torch.Tensor, exits: bool | None = None) -> EarlyExitOutput:
+        threshold = float(self.exit_threshold)
+        if exits is None:  # inf (calibrated to "never") or NaN (unset): no exits, no head per layer
+            exits = not self.training and math.isfinite(threshold)
+        if exits and math.isnan(threshold):
+            raise ValueError("EarlyExitLM: exits=True needs an exit_threshold (set or calibrated).")
+        x = self._embed(input_ids)
+        return self._forward_exits(x, threshold) if exits else self._forward_all(x)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        n = input_ids.shape[1]
+        if n > self.max_seq_len:
+            raise ValueError(
+                f"EarlyExitLM: input length {n} exceeds max_seq_len {self.max_seq_len}; "
+                "raise max_seq_len or lower seq_len."
+            )
+        return self.drop(self.tok_emb(input_ids) + self.pos_emb(torch.arange(n, device=input_ids.device)))
+
+    def _forward_all(self, x: torch.Tensor) -> EarlyExitOutput:
+        sums: tuple[dict, dict] = ({}, {})
+        hidden = []
+        for i, block in enumerate(self.blocks):
+            x, aux, stats = block(x)
+            _accumulate(sums, aux, stats)
+            if i < len(self.blocks) - 1:
+                hidden.append(x)
+        b, n, _ = x.shape
+        self.last_ffn_rows = [b * n] * len(self.blocks)
+        aux_losses, stats = _means(sums, len(self.blocks))
+        stats["exit_layer_mean"] = torch.tensor(float(len(self.blocks)))
+        stats["ffn_rows_fraction"] = torch.tensor(1.0)
+        return EarlyExitOutput(self.head(x), aux_losses, stats, layer_hidden=hidden)
+
+    def _forward_exits(self, x: torch.Tensor, threshold: float) -> EarlyExitOutput:
+        b, n, d = x.shape
+        n_layers = len(self.blocks)
+        x = x.reshape(b * n, d)
+        active = torch.arange(b * n, device=x.device)  # flat indices of positions still running
+        exit_layer = torch.full((b * n,), n_layers, device=x.device)
+        logits = None  # (B*N, V), filled in as positions exit
+        h = None  # (B*N, D) last feed-forward output of every position (copied forward after exit)
+        sums: tuple[dict, dict] = ({}, {})
+        self.last_ffn_rows = []
+        for i, block in enumerate(self.blocks):
+            x_active = x.index_select(0, active)
+            h_active, aux, stats = block.bk.feed_forward(block.ln(x_active))
+            self.last_ffn_rows.append(active.numel())
+            _accumulate(sums, aux, stats)
+            h = h_active if h is None else h.index_copy(0, active, h_active.to(h.dtype))
+            out, _ = block.bk.mix(h.view(b, n, d))  # the whole sequence: the resolvent chain
+            x = x.index_copy(0, active, x_active + out.reshape(b * n, d).index_select(0, active))
+            if i == n_layers - 1:
+                break
+            if i + 1 >= self.min_exit_layer:
+                layer_logits = self.head(x.index_select(0, active))
+                done = confidence(layer_logits, self.confidence) >= threshold
+                n_done = int(done.sum())  # host sync: the number of rows that go on is a shape
+                if n_done == active.numel() and logits is None:  # everyone exits here: no copies
+                    logits, active = layer_logits, active[:0]
+                    exit_layer.fill_(i + 1)
+                    break
+                if n_done > 0:
+                    if logits is None:  # every row is written before the end, so empty is safe
+                        logits = layer_logits.new_empty(b * n, layer_logits.shape[-1])
+                    leaving = active[done]
+                    # in place: an out-of-place index_copy would copy the whole (B*N, V) buffer
+                    logits.index_copy_(0, leaving, layer_logits[done])
+                    exit_layer.index_fill_(0, leaving, i + 1)
+                    active = active[~done]
+                if active.numel() == 0:
+                    break
+        if active.numel() > 0:
+            final = self.head(x.index_select(0, active))
+            if logits is None:  # nobody exited
+                logits = final.view(b * n, -1)  # active is still arange(B*N)
+            else:
+                logits.index_copy_(0, active, final)
+        aux_losses, stats = _means(sums, len(self.last_ffn_rows))
+        stats["exit_layer_mean"] = exit_layer.float().mean()
+        stats["ffn_rows_fraction"] = torch.tensor(sum(self.last_ffn_rows) / (n_layers * b * n))
+        return EarlyExitOutput(logits.view(b, n, -1), aux_losses, stats)
+
+
+def _accumulate(sums: tuple[dict, dict], aux: dict, stats: dict) -> None:
+    for target, values in zip(sums, (aux, stats)):
+        for k, v in values.items():
+            target[k] = target.get(k, 0.0) + v
+
+
+def _means(sums: tuple[dict, dict], n_layers: int) -> tuple[dict, dict]:
+    n_layers = max(n_layers, 1)
+    return ({k: v / n_layers for k, v in sums[0].items()}, {k: v / n_layers for k, v in sums[1].items()})

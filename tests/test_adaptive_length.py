@@ -1,0 +1,220 @@
+"""Learned sequence length: pooling/upsampling by hand, causality (train with fixed noise, eval),
+per-position noise, inner rows counted, aux-loss gradients to the boundary predictor, config."""
+
+import tempfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from resnet_bk.layers.adaptive_length import (
+    BoundaryPredictor,
+    boundary_prior_nll,
+    causal_upsample,
+    gumbel_sigmoid,
+    segment_pool,
+)
+from resnet_bk.models.adaptive_length_lm import AdaptiveLengthLM
+
+V, D = 40, 16
+
+
+def _model(**kw):
+    kw = {
+        "d_model": D,
+        "n_pre": 1,
+        "n_inner": 2,
+        "n_post": 1,
+        "num_experts": 2,
+        "max_seq_len": 64,
+        "init_boundary_rate": 0.5,
+        **kw,
+    }
+    return AdaptiveLengthLM(V, **kw)
+
+
+def _perturb(x: torch.Tensor, t: int) -> torch.Tensor:
+    y = x.clone()
+    y[:, t] = (y[:, t] + 1 + torch.arange(len(y))) % V
+    return y
+
+
+def test_pool_and_upsample_by_hand():
+    x = torch.arange(2 * 6 * 1, dtype=torch.float64).view(2, 6, 1)
+    b = torch.tensor([[0, 1, 0, 0, 1, 0], [1, 1, 0, 0, 0, 0]], dtype=torch.float64)
+    z, closed, k_pad = segment_pool(x, b, length_multiple=4)
+    assert closed.tolist() == [2, 2] and k_pad == 4
+    # Row 0: segments {0,1} and {2,3,4}; the open tail {5} pools nowhere. Row 1: {6} and {7}.
+    assert z[..., 0].tolist() == [[0.5, 3.0, 0.0, 0.0], [6.0, 7.0, 0.0, 0.0]]
+    y = z * 10
+    u = causal_upsample(y, b, null=torch.tensor([-1.0], dtype=torch.float64))
+    # A segment reaches its closing position and after; before the first close: null.
+    assert u[..., 0].tolist() == [[-1, 5, 5, 5, 30, 30], [60, 70, 70, 70, 70, 70]]
+
+
+def test_no_boundary_at_all_runs_no_inner_layer():
+    x = torch.randn(2, 5, D)
+    z, closed, k_pad = segment_pool(x, torch.zeros(2, 5), length_multiple=8)
+    assert z.shape == (2, 0, D) and k_pad == 0 and closed.tolist() == [0, 0]
+    model = _model(init_boundary_rate=1e-4).eval()  # no position reaches p > 0.5
+    out = model(torch.randint(0, V, (2, 5)))
+    assert out.logits.shape == (2, 5, V) and out.stats["inner_length_fraction"].item() == 0.0
+
+
+@pytest.mark.parametrize("n", [9, 24])
+def test_causality_eval(n):
+    torch.manual_seed(0)
+    model = _model().double().eval()
+    x = torch.randint(0, V, (3, n))
+    with torch.no_grad():
+        base = model(x)
+        rate = base.stats["boundary_rate"].item()
+        assert 0.1 < rate < 0.9, "the test needs both boundaries and non-boundaries"
+        for t in sorted({0, 1, n // 2, n - 1}):
+            moved = model(_perturb(x, t)).logits
+            torch.testing.assert_close(moved[:, :t], base.logits[:, :t], atol=1e-12, rtol=0)
+            assert (moved[:, t] - base.logits[:, t]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("n", [9, 24])
+def test_causality_train_with_the_same_noise(n):
+    torch.manual_seed(0)
+    model = _model().double().train()
+    x = torch.randint(0, V, (3, n))
+
+    def run(ids):
+        torch.manual_seed(123)  # both runs draw the same boundary noise
+        return model(ids)
+
+    with torch.no_grad():
+        base = run(x)
+        assert 0.1 < base.stats["boundary_rate"].item() < 0.9
+        for t in sorted({0, 1, n // 2, n - 1}):
+            moved = run(_perturb(x, t)).logits
+            torch.testing.assert_close(moved[:, :t], base.logits[:, :t], atol=1e-12, rtol=0)
+
+
+def test_gumbel_noise_is_drawn_per_position():
+    torch.manual_seed(0)
+    logits = torch.zeros(4, 256)
+    b, soft = gumbel_sigmoid(logits, temperature=1.0, noise=True)
+    assert 0.4 < b.mean().item() < 0.6  # P(b = 1) = sigmoid(0)
+    assert len(soft.unique()) == soft.numel()  # one independent draw per (row, position)
+    assert set(b.unique().tolist()) == {0.0, 1.0}
+    b0, _ = gumbel_sigmoid(logits, temperature=1.0, noise=False)
+    assert b0.sum() == 0  # without noise: the threshold at p = 0.5
+    predictor = BoundaryPredictor(D, init_rate=0.3).train()
+    with torch.no_grad():
+        p = predictor(torch.zeros(1, 4000, D))[0].mean().item()
+    assert 0.26 < p < 0.34  # identical states, yet the boundaries vary by position
+
+
+def test_inner_blocks_run_on_the_shortened_sequence():
+    torch.manual_seed(0)
+    model = _model(length_multiple=1).eval()
+    rows = {"pre": [], "inner": [], "post": []}
+    for name in rows:
+        for block in getattr(model, f"{name}_blocks"):
+            block.bk.moe.register_forward_hook(
+                lambda m, i, o, name=name: rows[name].append(i[0].reshape(-1, D).shape[0])
+            )
+    x = torch.randint(0, V, (3, 20))
+    with torch.no_grad():
+        out = model(x)
+        ran = {name: list(r) for name, r in rows.items()}  # before the hooks fire again below
+        b, _ = model.boundary(model.pre_blocks[0](model.tok_emb(x) + model.pos_emb(torch.arange(20)))[0])
+    k_max = int(b.sum(1).max())
+    assert ran["pre"] == [60] and ran["post"] == [60]
+    assert ran["inner"] == [3 * k_max] * 2 and k_max < 20
+    assert out.stats["inner_length_fraction"].item() == pytest.approx(k_max / 20)
+    assert out.stats["compression_ratio"].item() == pytest.approx(60 / b.sum().item())
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+@pytest.mark.parametrize("train", [True, False])
+def test_short_and_odd_lengths_score_every_position(n, train):
+    torch.manual_seed(0)
+    model = _model(length_multiple=4).train(train)
+    out = model(torch.randint(0, V, (2, n)))
+    assert out.logits.shape == (2, n, V) and torch.isfinite(out.logits).all()
+    assert torch.isfinite(out.aux_losses["length"])
+
+
+@pytest.mark.parametrize("loss_name", ["length", "boundary_prior", "ce"])
+def test_each_loss_reaches_the_boundary_predictor(loss_name):
+    torch.manual_seed(0)
+    model = _model(prior_rate=0.25 if loss_name == "boundary_prior" else None).train()
+    x = torch.randint(0, V, (2, 16))
+    out = model(x)
+    assert out.stats["boundary_rate"] > 0
+    if loss_name == "ce":
+        loss = F.cross_entropy(out.logits.flatten(0, 1), x.flatten())
+    else:
+        loss = out.aux_losses[loss_name]
+    loss.backward()
+    for p in model.boundary.parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, loss_name
+
+
+def test_boundary_prior_is_lowest_near_the_prior_rate():
+    n = 100
+    values = [boundary_prior_nll(torch.tensor([[1.0] * k + [0.0] * (n - k)]), 0.25).item() for k in (5, 25, 60)]
+    assert values[1] < values[0] and values[1] < values[2]
+
+
+def test_config_trains_two_steps_and_logs_compression():
+    from resnet_bk.cli import build
+
+    with tempfile.TemporaryDirectory() as root:
+        cli = build(
+            [
+                "--config",
+                "configs/adaptive_length.yaml",
+                *_TINY,
+                "--trainer.default_root_dir",
+                root,
+                "--model.init_args.network.init_args.d_model",
+                "16",
+            ]
+        )
+        cli.trainer.fit(cli.model, cli.datamodule)
+    metrics = cli.trainer.callback_metrics
+    assert cli.trainer.global_step == 2
+    for key in (
+        "val/ppl",
+        "train/aux/boundary_prior",
+        "train/stats/compression_ratio",
+        "val/stats/inner_length_fraction",
+    ):
+        assert torch.isfinite(metrics[key]), key
+    assert metrics["train/stats/compression_ratio"] > 1
+
+
+_TINY = [
+    "--trainer.max_steps",
+    "2",
+    "--trainer.limit_val_batches",
+    "1",
+    "--trainer.val_check_interval",
+    "2",
+    "--trainer.num_sanity_val_steps",
+    "0",
+    "--trainer.accelerator",
+    "cpu",
+    "--trainer.logger",
+    "false",
+    "--trainer.enable_checkpointing",
+    "false",
+    "--trainer.callbacks",
+    "[]",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+    "--data.init_args.seq_len",
+    "16",
+    "--data.init_args.batch_size",
+    "2",
+    "--data.init_args.max_train_tokens",
+    "2000",
+]

@@ -10,6 +10,14 @@ its targets the last L (next-token prediction). Training keeps full windows only
 the last partial window, padded (inputs with PAD_ID, targets with IGNORE_INDEX), so every token of
 stream[1:] is scored exactly once and perplexity is token-weighted over the whole split (DESIGN §4).
 
+Training subsets: the training loader draws through a SubsetSampler (datamodules/sampling.py). By
+default it is plain shuffled sampling of every window; a callback (callbacks/curriculum.py,
+callbacks/active_learning.py) calls `set_train_subset(ids, mode, weights)` to make it draw from an
+active subset instead. The subset, its order and the position within the epoch are part of the data
+module's state_dict, which Lightning saves in every checkpoint and restores on resume, so a run
+resumed mid-epoch draws the same sequence as an uninterrupted one. Validation and test are never
+subset: their loaders always visit every window once, in order.
+
 Caches (under `cache_dir`, default ~/.cache/resnet_bk or $RESNET_BK_CACHE):
     vocab/    word vocabularies, keyed by the training file's sha256
     streams/  token streams (.npy), keyed by the split file's sha256 + the tokenizer's fingerprint
@@ -28,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.sampling import SubsetSampler
 from datamodules.tokenization import atomic_write, build_tokenizer, sha256_file
 
 BUNDLED_DIR = Path(__file__).parent / "data" / "wikitext-2"
@@ -96,6 +105,9 @@ class WikiTextDataModule(L.LightningDataModule):
             $RESNET_BK_CACHE or ~/.cache/resnet_bk.
         max_train_tokens: keep only the first this many tokens of the training stream (smoke
             runs); None keeps all. Validation and test are never truncated.
+        seed: seeds the training sampler's shuffles; None takes the run's seed (seed_everything's
+            PL_GLOBAL_SEED, which the CLI sets), else 0. The sample sequence is a function of this
+            seed, the epoch and the subsets set, the same on every rank.
     """
 
     def __init__(
@@ -108,6 +120,7 @@ class WikiTextDataModule(L.LightningDataModule):
         num_workers: int = 0,
         cache_dir: str | None = None,
         max_train_tokens: int | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         checks = {"seq_len": (seq_len, 1), "batch_size": (batch_size, 1), "num_workers": (num_workers, 0)}
@@ -144,6 +157,9 @@ class WikiTextDataModule(L.LightningDataModule):
         self.vocab_size: int = self.tokenizer.vocab_size
         self._streams: dict[str, torch.Tensor] = {}
         self.train_dataset = self.val_dataset = self.test_dataset = None
+        self.seed = seed
+        self.train_sampler: SubsetSampler | None = None  # made in setup("fit")
+        self._sampler_state: dict | None = None  # a checkpoint's, if loaded before setup
 
     # ---- text ---------------------------------------------------------------------------
     def _load_text(self):
@@ -207,26 +223,96 @@ class WikiTextDataModule(L.LightningDataModule):
                     "lower seq_len or raise max_train_tokens"
                 )
             self.train_dataset = TokenWindows(train, self.seq_len, pad_last=False)
+            seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+            trainer = getattr(self, "trainer", None)  # its strategy (world size, rank) is set up before setup()
+            world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+            self.train_sampler = SubsetSampler(len(self.train_dataset), seed=seed, num_replicas=world, rank=rank)
+            if self._sampler_state is not None:
+                self.train_sampler.load_state_dict(self._sampler_state)
+                self._sampler_state = None
         if stage in (None, "fit", "validate") and self.val_dataset is None:
             self.val_dataset = TokenWindows(self.stream("valid"), self.seq_len, pad_last=True)
         if stage in (None, "test") and self.test_dataset is None:
             self.test_dataset = TokenWindows(self.stream("test"), self.seq_len, pad_last=True)
 
+    # ---- training subsets ---------------------------------------------------------------
+    @property
+    def num_train_examples(self) -> int:
+        """Number of training windows; their ids are 0 .. num_train_examples - 1 (batch["index"])."""
+        self._require_train()
+        return len(self.train_dataset)
+
+    @property
+    def train_subset(self) -> torch.Tensor | None:
+        """Ids of the active training subset (in its order), or None while every window is drawn."""
+        self._require_train()
+        return None if self.train_sampler.is_full else self.train_sampler.active.ids
+
+    def set_train_subset(self, ids, mode: str = "shuffle", weights=None) -> bool:
+        """Draw training windows from `ids` only, from the next batch on (None: all windows again).
+
+        mode "shuffle": each pass a random permutation of ids; "ordered": ids in the order given;
+        "weighted": with replacement, probability proportional to `weights` (one per id). Every rank
+        must call this with the same arguments at the same step (the callbacks do). Returns False
+        if this selection is already the active one.
+        """
+        self._require_train()
+        return self.train_sampler.set_subset(ids, mode, weights, consumed=self._consumed())
+
+    def _require_train(self) -> None:
+        if self.train_sampler is None:
+            raise RuntimeError("call setup('fit') before using the training set's subsets")
+
+    def _consumed(self) -> int | None:
+        """Training examples this rank has trained on in the current epoch, from the trainer's
+        progress (the sampler itself only knows how many were drawn, which workers run ahead of)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return None
+        try:
+            batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        except AttributeError:
+            return None
+        return batches * self.batch_size
+
+    def state_dict(self) -> dict:
+        """The training sampler's state (subset, order, epoch, position): saved in checkpoints."""
+        if self.train_sampler is None:
+            return {} if self._sampler_state is None else {"sampler": self._sampler_state}
+        return {"sampler": self.train_sampler.state_dict(consumed=self._consumed())}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state = state_dict.get("sampler")
+        if state is None:
+            return
+        if self.train_sampler is None:
+            self._sampler_state = state  # applied in setup("fit")
+        else:
+            self.train_sampler.load_state_dict(state)
+
     # ---- loaders ------------------------------------------------------------------------
-    def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool = False, sampler=None) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
+        """Batches drawn by the training sampler: all windows shuffled, or the active subset.
+
+        Under a trainer, each rank draws its own shard (trainer.world_size / global_rank)."""
+        self._require_train()
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            self.train_sampler.set_distributed(trainer.world_size, trainer.global_rank)
+        return self._loader(self.train_dataset, self.batch_size, sampler=self.train_sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)

@@ -1,0 +1,173 @@
+"""The causal BK-core over a subset of kept positions, at length K < N (a Schur complement).
+
+Setting. H = H0 + diag(v) with H0 the discrete Laplacian (couplings b_i = c_i = 1, so k_i = 1), and
+every SKIPPED position carrying the same potential v_skip (a learned scalar in the sparse layer).
+The kept positions are p_0 < p_1 < ... < p_{K-1}; L_r = p_r - p_{r-1} - 1 is the number of skipped
+positions just before p_r (p_{-1} = -1). We want the causal g at the kept positions,
+g_{p_r} = 1 / d_{p_r} with d the left-to-right Riccati sweep of DESIGN section 2.
+
+Eliminating a run. Over a run the sweep applies the Moebius maps of M_s = [[alpha_s, -1], [1, 0]]
+(alpha_s = -2 + v_skip - z, the same matrix at every skipped site), then the kept site's
+M_p = [[alpha_p, -1], [1, 0]]. With U_L the Chebyshev-like sequence U_L = alpha_s U_{L-1} - U_{L-2},
+U_0 = 1, U_{-1} = 0, one has M_s^L = [[U_L, -U_{L-1}], [U_{L-1}, -U_{L-2}]], hence
+
+    d_{p_r} = alpha'_r - k'_{r-1} / (d_{p_{r-1}} + beta_{r-1})
+
+    alpha'_r = alpha_{p_r} - rho_{L_r},   beta_{r-1} = -rho_{L_r},   k'_{r-1} = 1 / U_{L_r}^2,
+    rho_L = U_{L-1} / U_L                          (rho_0 = 0: an empty run changes nothing)
+
+(a Moebius map (A x + B) / (C x + D) is A/C - (AD - BC)/C^2 / (x + D/C), and det M = 1).
+So d~_r = d_{p_r} + beta_r obeys an ordinary tridiagonal Riccati sweep of length K,
+
+    d~_r = (alpha'_r + beta_r) - k'_{r-1} / d~_{r-1},
+
+whose matrix is the Schur complement of the skipped positions, and the causal value is read out
+WITHOUT the shift beta_r (which belongs to the run after p_r, i.e. to the future):
+
+    g_{p_0} = 1 / alpha'_0,   g_{p_r} = 1 / (alpha'_r - k'_{r-1} g~_{r-1}),   g~ = 1 / d~.
+
+g~_{r-1} depends on the runs up to p_r only, so g_{p_r} depends on positions 0..p_r: causal, also in
+floating point. The length-K sweep runs through bk_core's exact-adjoint recurrence (complex k' is
+allowed there); the run table rho_L, 1/U_L has the closed form of a two-term recurrence
+(eigenvalues lam1 lam2 = 1, |lam1| > 1):
+
+    rho_L = (1 - mu^L) / (lam1 (1 - mu^(L+1))),   1/U_L = (1 - mu) / (lam1^L (1 - mu^(L+1))),   mu = lam2/lam1,
+
+so a run of any length costs O(1): the core's work is O(K), not O(N). Long runs decouple
+(k' = 1/U_L^2 -> 0 geometrically). Bound: Im alpha_s = -Im z < 0 gives Im rho_L >= 0, hence
+Im d~_r <= Im d_{p_r} <= -Im z: no division by (near) zero.
+
+`reduced_green_diagonal` is the fast path; `reduced_green_diagonal_reference` scatters the kept
+potentials into the full chain and runs the O(N^4) float64 dense reference (tests only).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from resnet_bk.bk_core import _ResolventDiagonal, dense_green_diagonal, laplacian_couplings
+
+_COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+
+
+def pack_kept(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, N) bool -> (positions (B, K) long, valid (B, K) bool, run_lengths (B, K) long).
+
+    K is the largest number of kept positions in a row (one host sync: it sets the shapes). Row b's
+    kept positions come first, in order; entries r >= (kept in row b) are padding (valid False,
+    position 0, run length 0). Padding sits after every real entry, so by causality it changes none.
+    `valid` in row-major order lists the kept positions in the order of keep.reshape(-1).nonzero().
+    """
+    b, n = keep.shape
+    counts = keep.sum(1)
+    k = int(counts.max()) if b * n else 0
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :k]  # kept first, in order
+    valid = torch.arange(k, device=keep.device)[None, :] < counts[:, None]
+    pos = torch.where(valid, order, torch.zeros_like(order))
+    prev = torch.cat([pos.new_full((b, 1), -1), pos[:, :-1]], dim=1)
+    runs = torch.where(valid, pos - prev - 1, torch.zeros_like(pos))
+    return pos, valid, runs
+
+
+def run_table(alpha_s: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rho_L, 1/U_L) for L = 0..max_len, closed form (see the module docstring).
+
+    alpha_s: complex scalar tensor (the a - z of a skipped site), Im alpha_s < 0.
+    Returns two complex (max_len + 1,) tensors, differentiable in alpha_s.
+    """
+    disc = torch.sqrt(alpha_s * alpha_s - 4)
+    lam_a, lam_b = (alpha_s + disc) / 2, (alpha_s - disc) / 2
+    lam1 = torch.where(lam_a.abs() >= lam_b.abs(), lam_a, lam_b)  # |lam1| > 1 > |lam2|, lam1 lam2 = 1
+    mu = 1 / (lam1 * lam1)  # lam2 / lam1
+    ell = torch.arange(max_len + 1, device=alpha_s.device, dtype=alpha_s.real.dtype)
+    mu_l = torch.exp(ell * torch.log(mu))  # mu^L (|mu| < 1: decays, never overflows)
+    one = torch.ones((), dtype=alpha_s.dtype, device=alpha_s.device)
+    denom = one - mu_l * mu  # 1 - mu^(L+1)
+    rho = (one - mu_l) / (lam1 * denom)
+    inv_u = (one - mu) * torch.exp(-ell * torch.log(lam1)) / denom
+    return rho, inv_u
+
+
+def reduced_green_diagonal(
+    v_kept: torch.Tensor,
+    run_lengths: torch.Tensor,
+    v_skip: torch.Tensor | float,
+    z: complex = 1j,
+    method: str = "scan",
+) -> torch.Tensor:
+    """Causal g at the kept positions of the chain H0 + diag(v), computed at length K.
+
+    Args:
+        v_kept: (B, K) real potentials at the kept positions (padding after the last kept entry of a
+            row may hold anything).
+        run_lengths: (B, K) long, number of skipped positions just before each kept one (see
+            `pack_kept`); 0 on padding.
+        v_skip: real scalar (float or 0-dim tensor, may require grad): the potential at every skipped
+            position.
+        z: spectral shift, Im z > 0.
+        method: "scan" or "sequential" (bk_core's paths; the Triton kernel takes real couplings only).
+    Returns:
+        (B, K) complex (complex128 for float64 input, else complex64): g_{p_r} of the FULL causal
+        chain (equal to green_diagonal over all N positions, read at the kept ones).
+    """
+    real = v_kept.dtype if v_kept.dtype in _COMPLEX_OF else torch.float32
+    cdtype = _COMPLEX_OF[real]
+    b, k = v_kept.shape
+    if k == 0:
+        return torch.zeros((b, 0), dtype=cdtype, device=v_kept.device)
+    # The run table in double precision (a (K_max_run + 1,) vector: negligible), then cast down.
+    v_s = v_skip.to(torch.float64) if isinstance(v_skip, torch.Tensor) else torch.tensor(float(v_skip), dtype=torch.float64)
+    v_s = v_s.to(v_kept.device)
+    alpha_s = (-2.0 + v_s).to(torch.complex128) - complex(z)
+    max_run = int(run_lengths.max()) if run_lengths.numel() else 0
+    rho_t, inv_u_t = (t.to(cdtype) for t in run_table(alpha_s, max_run))
+    rho, inv_u = rho_t[run_lengths], inv_u_t[run_lengths]  # (B, K) each
+
+    alpha = (-2.0 + v_kept.to(real)).to(cdtype) - complex(z)
+    alpha_red = alpha - rho  # alpha'_r
+    k_red = inv_u[:, 1:].square()  # k'_{r-1} couples r-1 and r, r = 1..K-1
+    beta = torch.cat([-rho[:, 1:], torch.zeros_like(rho[:, :1])], dim=1)  # beta_r = -rho_{L_{r+1}}
+    g_shift = _ResolventDiagonal.apply(alpha_red + beta, k_red, True, method)  # g~ = 1 / d~
+    first = alpha_red[:, :1].reciprocal()
+    rest = (alpha_red[:, 1:] - k_red * g_shift[:, :-1]).reciprocal()
+    return torch.cat([first, rest], dim=1)
+
+
+def scatter_potential(v_kept: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, n: int, v_skip) -> torch.Tensor:
+    """(B, K) kept potentials -> (B, N) full potential with v_skip at every skipped position."""
+    b = v_kept.shape[0]
+    full = torch.as_tensor(v_skip, dtype=v_kept.dtype, device=v_kept.device).expand(b, n).clone()
+    rows = torch.arange(b, device=v_kept.device)[:, None].expand_as(positions)
+    return full.index_put((rows[valid], positions[valid]), v_kept[valid])
+
+
+def reduced_green_diagonal_reference(
+    v_kept: torch.Tensor, keep: torch.Tensor, v_skip, z: complex = 1j
+) -> torch.Tensor:
+    """Float64 dense reference for `reduced_green_diagonal`: the full (B, N) chain with v_skip at the
+    skipped positions, inverted densely (bk_core.dense_green_diagonal), read at the kept positions.
+    Returns (B, K) complex128 in `pack_kept`'s layout (0 on padding)."""
+    b, n = keep.shape
+    pos, valid, _ = pack_kept(keep)
+    v = scatter_potential(v_kept.double(), pos, valid, n, float(v_skip))
+    h0, sub, sup = laplacian_couplings(b, n, torch.float64)
+    g = dense_green_diagonal(h0 + v, sub, sup, z, causal=True)
+    out = torch.gather(g, 1, pos)
+    return torch.where(valid, out, torch.zeros_like(out))
+
+
+def kept_green_diagonal_full(
+    v_kept: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, n: int, v_skip, z: complex = 1j,
+    method: str = "auto", out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """The same values by the full-length core: scatter into (B, N), green_diagonal at length N
+    (Triton on CUDA), gather at the kept positions. (B, K) complex."""
+    from resnet_bk.bk_core import green_diagonal
+
+    b = v_kept.shape[0]
+    v = scatter_potential(v_kept, positions, valid, n, v_skip)
+    h0, sub, sup = laplacian_couplings(b, n, v.dtype, v.device)
+    g = green_diagonal(h0 + v, sub, sup, z, True, method=method, validate=False)
+    return torch.gather(g, 1, positions)

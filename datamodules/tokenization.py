@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -152,6 +153,35 @@ class WordTokenizer:
         tok = cls.from_lines(train_lines)
         tok.save(path)
         return tok
+
+
+def encode_to_file(
+    tokenizer, lines: Iterable[str], path: str | os.PathLike, dtype: np.dtype, chunk_lines: int = 100_000
+) -> int:
+    """Tokenize `lines` into a flat file of `dtype` token ids at `path` (atomically), `chunk_lines`
+    lines at a time, so memory stays bounded whatever the corpus size. Returns the token count."""
+    dtype = np.dtype(dtype)
+    limit = np.iinfo(dtype).max
+    count = 0
+
+    def write(f: IO[bytes]) -> None:
+        nonlocal count
+        batch: list[str] = []
+        for line in itertools.chain(lines, [None]):
+            if line is not None:
+                batch.append(line)
+                if len(batch) < chunk_lines:
+                    continue
+            if batch:
+                ids = tokenizer.encode_lines(batch)
+                if ids.size and int(ids.max()) > limit:
+                    raise ValueError(f"token id {int(ids.max())} does not fit {dtype.name}")
+                f.write(ids.astype(dtype).tobytes())
+                count += ids.size
+                batch = []
+
+    atomic_write(path, write)
+    return count
 
 
 def _downloads_allowed() -> bool:

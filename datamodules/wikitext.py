@@ -18,14 +18,22 @@ module's state_dict, which Lightning saves in every checkpoint and restores on r
 resumed mid-epoch draws the same sequence as an uninterrupted one. Validation and test are never
 subset: their loaders always visit every window once, in order.
 
+Corpora larger than memory: each split is tokenized once, in chunks, into a flat file of token ids
+(uint16 when the vocabulary fits, else int32), keyed by a content hash, and read back as a
+read-only numpy memmap. The training and evaluation windows read their tokens from that memmap,
+so a WikiText-103-sized corpus (or any local corpus in the same layout) trains with only the pages
+in use in RAM. `stream(split)` still returns the whole split as an int64 tensor, for small splits
+and tests; `tokens(split)` is the memmap.
+
 Caches (under `cache_dir`, default ~/.cache/resnet_bk or $RESNET_BK_CACHE):
     vocab/    word vocabularies, keyed by the training file's sha256
-    streams/  token streams (.npy), keyed by the split file's sha256 + the tokenizer's fingerprint
+    streams/  token ids (.<dtype>.bin), keyed by the split file's sha256 + the tokenizer's fingerprint
     hf/       HF `datasets` Arrow cache of the local text files
 """
 
 from __future__ import annotations
 
+import codecs
 import lzma
 import os
 from collections.abc import Iterator
@@ -37,7 +45,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.sampling import SubsetSampler
-from datamodules.tokenization import atomic_write, build_tokenizer, sha256_file
+from datamodules.tokenization import build_tokenizer, encode_to_file, sha256_file
 
 BUNDLED_DIR = Path(__file__).parent / "data" / "wikitext-2"
 SPLITS = ("train", "valid", "test")
@@ -53,25 +61,51 @@ class TokenWindows(Dataset):
     with input_ids = stream[i*L : i*L+L] and targets = stream[i*L+1 : i*L+L+1].
     pad_last=False: only full windows, len = (n-1) // L (the last < L targets are dropped).
     pad_last=True:  len = ceil((n-1) / L); the last window is padded (PAD_ID / IGNORE_INDEX).
+
+    `tokens` may be a LongTensor or any 1-D integer numpy array, e.g. a memmap of the token file:
+    an item then reads only its own L + 1 ids, so the stream need not fit in memory.
     """
 
-    def __init__(self, stream: torch.Tensor, seq_len: int, pad_last: bool) -> None:
-        if stream.ndim != 1 or stream.numel() < 2:
-            raise ValueError(f"TokenWindows needs a 1-D stream of >= 2 tokens, got shape {tuple(stream.shape)}")
-        self.stream = stream
+    def __init__(self, tokens: torch.Tensor | np.ndarray, seq_len: int, pad_last: bool) -> None:
+        if tokens.ndim != 1 or len(tokens) < 2:
+            raise ValueError(f"TokenWindows needs a 1-D stream of >= 2 tokens, got shape {tuple(tokens.shape)}")
+        self.tokens = tokens
         self.seq_len = seq_len
         self.pad_last = pad_last
-        n_targets = stream.numel() - 1
+        n_targets = len(tokens) - 1
         self.n = -(-n_targets // seq_len) if pad_last else n_targets // seq_len
+
+    @property
+    def stream(self) -> torch.Tensor:
+        """The whole stream as a LongTensor (materialised: 8 bytes per token; for small splits)."""
+        if isinstance(self.tokens, torch.Tensor):
+            return self.tokens
+        return torch.from_numpy(np.asarray(self.tokens, dtype=np.int64))
 
     def __len__(self) -> int:
         return self.n
+
+    def __getstate__(self) -> dict:
+        # A memmap pickles as a full in-memory copy: send spawned loader workers its file instead.
+        state = dict(self.__dict__)
+        if isinstance(self.tokens, np.memmap):
+            t = self.tokens
+            state["tokens"] = ("memmap", t.filename, t.dtype.str, t.offset, t.shape)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if isinstance(state["tokens"], tuple) and state["tokens"][0] == "memmap":
+            _, filename, dtype, offset, shape = state["tokens"]
+            state["tokens"] = np.memmap(filename, dtype=dtype, mode="r", offset=offset, shape=shape)
+        self.__dict__.update(state)
 
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < self.n:
             raise IndexError(f"window {i} out of range [0, {self.n})")
         start, L = i * self.seq_len, self.seq_len
-        chunk = self.stream[start : start + L + 1]
+        chunk = self.tokens[start : start + L + 1]
+        if not isinstance(chunk, torch.Tensor):
+            chunk = torch.from_numpy(np.array(chunk, dtype=np.int64))  # a copy: the memmap is read-only
         inputs, targets = chunk[:-1], chunk[1:]
         if len(targets) < L:  # last window of an evaluation split
             pad = L - len(targets)
@@ -155,7 +189,7 @@ class WikiTextDataModule(L.LightningDataModule):
 
         self.tokenizer = build_tokenizer(tokenizer, self._lines("train"), self.cache_dir, self.hashes["train"])
         self.vocab_size: int = self.tokenizer.vocab_size
-        self._streams: dict[str, torch.Tensor] = {}
+        self._tokens: dict[str, np.ndarray] = {}  # memmaps of the token files
         self.train_dataset = self.val_dataset = self.test_dataset = None
         self.seed = seed
         self.train_sampler: SubsetSampler | None = None  # made in setup("fit")
@@ -176,12 +210,17 @@ class WikiTextDataModule(L.LightningDataModule):
                         "check the config name and network access (HF_HUB_OFFLINE=0), or use source: bundled"
                     ) from e
             else:
-                self._text = datasets.load_dataset(
-                    "text",
-                    data_files={s: str(f) for s, f in self.files.items()},
-                    keep_linebreaks=False,
-                    cache_dir=str(self.cache_dir / "hf"),
-                )
+                try:
+                    self._text = datasets.load_dataset(
+                        "text",
+                        data_files={s: str(f) for s, f in self.files.items()},
+                        keep_linebreaks=False,
+                        cache_dir=str(self.cache_dir / "hf"),
+                    )
+                except Exception as e:
+                    if _caused_by(e, UnicodeDecodeError):
+                        raise ValueError(_not_utf8_message(self.files)) from e
+                    raise
         return self._text
 
     def _lines(self, split: str) -> Iterator[str]:
@@ -191,35 +230,40 @@ class WikiTextDataModule(L.LightningDataModule):
             yield line[:-1] if line.endswith("\n") else line  # HF wikitext rows keep their "\n"
 
     # ---- token streams ------------------------------------------------------------------
-    def stream(self, split: str) -> torch.Tensor:
-        """The whole split as one LongTensor (n_tokens,), from the cache or tokenized now."""
-        if split not in self._streams:
-            key = f"{split}-{self.hashes[split][:32]}-{self.tokenizer.fingerprint[:32]}.npy"
+    def tokens(self, split: str) -> np.ndarray:
+        """The whole split as a read-only memmap of token ids, tokenized now unless cached.
+
+        The file is built once, in chunks (memory bounded), and keyed by the split file's content
+        hash and the tokenizer's fingerprint, so a changed file or vocabulary is never read stale."""
+        if split not in self._tokens:
+            dtype = np.dtype(np.uint16 if self.vocab_size <= 2**16 else np.int32)
+            key = f"{split}-{self.hashes[split][:32]}-{self.tokenizer.fingerprint[:32]}.{dtype.name}.bin"
             path = self.cache_dir / "streams" / key
-            if path.exists():
-                ids = np.load(path)
-            else:
-                ids = self.tokenizer.encode_lines(self._lines(split))
-                small = ids.astype(np.int32) if self.vocab_size < 2**31 else ids  # half the disk
-                atomic_write(path, lambda f: np.save(f, small))
-            if len(ids) < 2:
-                raise ValueError(f"the {split} split of {self.source!r} has {len(ids)} tokens; it needs at least 2")
-            self._streams[split] = torch.from_numpy(ids.astype(np.int64))
-        return self._streams[split]
+            if not path.exists():
+                encode_to_file(self.tokenizer, self._lines(split), path, dtype)
+            n = path.stat().st_size // dtype.itemsize
+            if n < 2:
+                raise ValueError(f"the {split} split of {self.source!r} has {n} tokens; it needs at least 2")
+            self._tokens[split] = np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+        return self._tokens[split]
+
+    def stream(self, split: str) -> torch.Tensor:
+        """The whole split as one LongTensor (n_tokens,), in memory (8 bytes per token)."""
+        return torch.from_numpy(np.asarray(self.tokens(split), dtype=np.int64))
 
     def prepare_data(self) -> None:
         """Tokenize and cache every split once (Lightning runs this on one process per node)."""
         for split in SPLITS:
-            self.stream(split)
+            self.tokens(split)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_dataset is None:
-            train = self.stream("train")
+            train = self.tokens("train")
             if self.max_train_tokens is not None:
                 train = train[: self.max_train_tokens]
-            if train.numel() < self.seq_len + 1:
+            if len(train) < self.seq_len + 1:
                 raise ValueError(
-                    f"the training stream has {train.numel()} tokens, fewer than seq_len + 1 = {self.seq_len + 1}; "
+                    f"the training stream has {len(train)} tokens, fewer than seq_len + 1 = {self.seq_len + 1}; "
                     "lower seq_len or raise max_train_tokens"
                 )
             self.train_dataset = TokenWindows(train, self.seq_len, pad_last=False)
@@ -231,9 +275,9 @@ class WikiTextDataModule(L.LightningDataModule):
                 self.train_sampler.load_state_dict(self._sampler_state)
                 self._sampler_state = None
         if stage in (None, "fit", "validate") and self.val_dataset is None:
-            self.val_dataset = TokenWindows(self.stream("valid"), self.seq_len, pad_last=True)
+            self.val_dataset = TokenWindows(self.tokens("valid"), self.seq_len, pad_last=True)
         if stage in (None, "test") and self.test_dataset is None:
-            self.test_dataset = TokenWindows(self.stream("test"), self.seq_len, pad_last=True)
+            self.test_dataset = TokenWindows(self.tokens("test"), self.seq_len, pad_last=True)
 
     # ---- training subsets ---------------------------------------------------------------
     @property
@@ -343,7 +387,40 @@ def find_split_files(directory: Path) -> dict[str, Path]:
 
 
 def _is_empty(path: Path) -> bool:
-    if path.suffix == ".xz":
-        with lzma.open(path, "rb") as f:
+    """Whether the file holds no text; a ValueError naming the file if it cannot be read."""
+    try:
+        with (lzma.open(path, "rb") if path.suffix == ".xz" else open(path, "rb")) as f:
             return f.read(1) == b""
-    return path.stat().st_size == 0
+    except (OSError, lzma.LZMAError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ValueError(
+            f"cannot read {str(path)!r} ({reason}); fix its permissions (chmod a+r) or replace the file "
+            "(a truncated download? re-compress it with xz, or store it uncompressed)"
+        ) from e
+
+
+def _caused_by(error: BaseException, kind: type) -> bool:
+    while error is not None:
+        if isinstance(error, kind):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _not_utf8_message(files: dict[str, Path]) -> str:
+    """Which split file is not UTF-8, and where (read again only on this error path)."""
+    for path in files.values():
+        offset = 0
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        with (lzma.open(path, "rb") if path.suffix == ".xz" else open(path, "rb")) as f:
+            try:
+                while block := f.read(1 << 20):
+                    decoder.decode(block)
+                    offset += len(block)
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError as e:
+                return (
+                    f"{str(path)!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {offset + e.start}); "
+                    "convert it, e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8, and point source at the converted files"
+                )
+    return "a split file is not UTF-8 text; convert it (e.g. iconv -f latin1 -t utf-8) and point source at the copy"

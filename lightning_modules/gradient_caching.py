@@ -294,7 +294,9 @@ class GradientCachingLanguageModel(LanguageModel):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Lightning calls this hook after the AMP unscale and right before optimizer.step (manual and
-        # automatic alike); the automatic loop clips at this very point.
+        # automatic alike); the automatic loop clips at this very point. The base class first checks
+        # that every gradient is finite (and stops, or drops them all, per model.init_args.nonfinite).
+        super().on_before_optimizer_step(optimizer)
         if self.gradient_clip_val:
             self.clip_gradients(
                 optimizer,
@@ -328,9 +330,11 @@ class GradientCachingLanguageModel(LanguageModel):
 
     # ----------------------------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["gradient_cache_counters"] = {"hits": self.hits, "lookups": self.lookups}  # the cache itself is dropped
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         counters = checkpoint.get("gradient_cache_counters", {})
         self.hits, self.lookups = counters.get("hits", 0), counters.get("lookups", 0)
         self.cache.clear()

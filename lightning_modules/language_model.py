@@ -20,15 +20,32 @@ A subclass adds a weight as an init arg, e.g.
             self.aux_loss_weights["ponder"] = ponder_weight
 
 or overrides compute_loss(batch, stage) to add terms and logs without re-implementing the steps.
+
+Reliability (issue 12):
+- Non-finite values are caught at the step they occur: the training loss before backward, every
+  gradient before the optimizer step. `nonfinite="stop"` (default) raises FloatingPointError naming
+  the step and the tensor, before anything is applied or checkpointed; `nonfinite="skip"` drops that
+  step (no parameter or optimizer-state update) and counts it in train/nonfinite_skipped. Under DDP
+  the ranks agree on the decision, so none waits for another in a collective.
+- Exact resume: with `step_rng` (default), the torch/numpy/python RNGs are re-seeded at every
+  training batch from (seed, rank, epoch, batch index), so dropout and other draws depend on the
+  step, not on what ran before it (validation, loader start-up, a restart); the seed is saved in
+  the checkpoint. The LR schedule, optimizer, loop position and the data module's sampler are
+  restored by Lightning.
+- Loading a checkpoint whose vocabulary or parameter shapes differ from the configured model, and a
+  data seq_len above the network's max_seq_len, are one-line ValueErrors before training starts.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import random
 from functools import partial
 from typing import Any, Callable, NamedTuple
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -81,6 +98,10 @@ class LanguageModel(L.LightningModule):
         aux_loss_weights: weight of each aux loss the network returns, by name. A returned aux loss
             without a weight is an error (so no term is silently dropped or added); a weight whose loss
             the network never returns is harmless (e.g. load_balance for a dense model).
+        nonfinite: what a non-finite training loss or gradient does: "stop" (raise, the default) or
+            "skip" (drop the step, count it in train/nonfinite_skipped). Evaluation always stops.
+        step_rng: re-seed the RNGs at every training batch from (seed, rank, epoch, batch index), so
+            that a resumed run draws what an uninterrupted one draws (see the module docstring).
     """
 
     def __init__(
@@ -93,8 +114,12 @@ class LanguageModel(L.LightningModule):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
         aux_loss_weights: dict[str, float] = DEFAULT_AUX_LOSS_WEIGHTS,
+        nonfinite: str = "stop",
+        step_rng: bool = True,
     ):
         super().__init__()
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"LanguageModel: nonfinite must be 'stop' or 'skip', got {nonfinite!r}.")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"LanguageModel: min_lr_ratio must be in [0, 1], got {min_lr_ratio}.")
         if warmup_steps < 0:
@@ -110,6 +135,9 @@ class LanguageModel(L.LightningModule):
         self.val_nll = MeanMetric()
         self.test_nll = MeanMetric()
         self._hparams_summary_written = False
+        self.nonfinite, self.step_rng = nonfinite, step_rng
+        self.nonfinite_skipped = 0  # training steps dropped for a non-finite loss or gradient
+        self.rng_seed: int | None = None  # base of the per-step seeds; from the run (or checkpoint)
 
     def forward(self, input_ids: torch.Tensor):
         return self.model(input_ids)
@@ -139,23 +167,75 @@ class LanguageModel(L.LightningModule):
         return LossOutput(loss, nll_sum.detach(), n_tokens, logs)
 
     def _checked_loss(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str) -> LossOutput:
+        """compute_loss, raising FloatingPointError if the loss is not finite (on any rank)."""
         result = self.compute_loss(batch, stage)
         # NaN guard: stop before the step is logged, applied or checkpointed.
-        if not torch.isfinite(result.loss):
-            raise FloatingPointError(
-                f"non-finite {stage} loss ({result.loss.item()}) at global step {self.global_step}, "
-                f"batch {batch_idx} (ce={result.logs['ce'].item()}); "
-                "try a lower lr or trainer.gradient_clip_val."
-            )
+        if not self._all_ranks(bool(torch.isfinite(result.loss))):
+            raise FloatingPointError(self._nonfinite_message(f"{stage} loss", result, batch_idx))
         return result
 
+    def _all_ranks(self, ok: bool) -> bool:
+        """True only if `ok` holds on every rank (one tiny all-reduce under DDP, so ranks act alike)."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return ok
+        return trainer.strategy.reduce_boolean_decision(ok, all=True)
+
+    def _nonfinite_message(self, what: str, result: LossOutput | None, batch_idx: int) -> str:
+        detail = "" if result is None else f" ({what} = {result.loss.item()}, ce = {result.logs['ce'].item()})"
+        return (
+            f"non-finite {what} at global step {self.global_step}, batch {batch_idx}{detail}; nothing was applied "
+            "or checkpointed. Try a lower lr, trainer.gradient_clip_val, or model.init_args.nonfinite: skip."
+        )
+
     # ---------------------------------------------------------------------------------- steps
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        result = self._checked_loss(batch, batch_idx, "train")
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.step_rng:
+            if self.rng_seed is None:
+                self.rng_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+            seed = np.random.SeedSequence([self.rng_seed, self.global_rank, self.current_epoch, batch_idx])
+            s = int(seed.generate_state(1, np.uint64)[0] >> 1)
+            torch.manual_seed(s)  # CPU and every CUDA device
+            np.random.seed(s % 2**32)
+            random.seed(s)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        result = self.compute_loss(batch, "train")
+        if not self._all_ranks(bool(torch.isfinite(result.loss))):
+            message = self._nonfinite_message("training loss", result, batch_idx)
+            if self.nonfinite == "stop":
+                raise FloatingPointError(message)
+            self._skipped()
+            return None  # no backward: every .grad stays None, so the optimizer changes nothing
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", result.loss.detach(), prog_bar=True, batch_size=bs)
         self.log_dict({f"train/{k}": v for k, v in result.logs.items()}, batch_size=bs)
+        if self.nonfinite == "skip":
+            self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), batch_size=bs)
         return result.loss
+
+    def _skipped(self) -> None:
+        self.nonfinite_skipped += 1
+        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), batch_size=1)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Check every gradient before it is applied (after the AMP unscale, before clipping)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return
+        # Under DDP the gradients are already averaged, so every rank reaches the same verdict.
+        if bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())):
+            return
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            return  # fp16 AMP: GradScaler skips overflowed steps itself (and lowers the scale)
+        bad = [n for n, p in self.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        what = f"gradient of {bad[0]}" + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else "")
+        if self.nonfinite == "stop":
+            raise FloatingPointError(self._nonfinite_message(what, None, self.trainer.fit_loop.epoch_loop.batch_idx))
+        for p in self.parameters():
+            p.grad = None  # the optimizer skips parameters without a gradient: a true no-op step
+        self._skipped()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "val", self.val_nll)
@@ -181,6 +261,26 @@ class LanguageModel(L.LightningModule):
         nll.reset()
         self.log(f"{stage}/loss", mean_nll, prog_bar=stage == "val")
         self.log(f"{stage}/ppl", mean_nll.exp(), prog_bar=stage == "val")
+
+    # ----------------------------------------------------------------------- setup, checkpoint
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        seq_len = getattr(datamodule, "seq_len", None)
+        max_len = getattr(self.model, "max_seq_len", None)
+        if seq_len is not None and max_len is not None and seq_len > max_len:
+            raise ValueError(
+                f"data seq_len {seq_len} exceeds the network's max_seq_len {max_len}: lower "
+                f"--data.init_args.seq_len or raise --model.init_args.network.init_args.max_seq_len to >= {seq_len}"
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["resnet_bk"] = {"rng_seed": self.rng_seed, "nonfinite_skipped": self.nonfinite_skipped}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("resnet_bk", {})
+        self.rng_seed = state.get("rng_seed", self.rng_seed)
+        self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
+        check_checkpoint_matches(self, checkpoint)
 
     # ------------------------------------------------------------------------------ optimizer
     def configure_optimizers(self) -> dict[str, Any]:
@@ -241,3 +341,27 @@ class LanguageModel(L.LightningModule):
                     writer.add_summary(summary)
         self._hparams_summary_written = True
 
+
+
+def check_checkpoint_matches(module: LanguageModel, checkpoint: dict[str, Any]) -> None:
+    """ValueError (one line) if the checkpoint's vocabulary or parameter names/shapes differ from the module's."""
+    fix = "use the config the checkpoint was trained with (config.yaml beside its checkpoints/ folder) or drop --ckpt_path"
+    saved_vocab = checkpoint.get("hyper_parameters", {}).get("vocab_size")
+    if saved_vocab is not None and saved_vocab != module.hparams.get("vocab_size"):
+        raise ValueError(
+            f"the checkpoint was trained with a vocabulary of {saved_vocab} tokens, the configured data has "
+            f"{module.hparams.get('vocab_size')} (another corpus or tokenizer?); {fix}"
+        )
+    mine, theirs = module.state_dict(), checkpoint.get("state_dict", {})
+    missing, unexpected = sorted(mine.keys() - theirs.keys()), sorted(theirs.keys() - mine.keys())
+    reshaped = sorted(k for k in mine.keys() & theirs.keys() if tuple(mine[k].shape) != tuple(theirs[k].shape))
+    if missing or unexpected or reshaped:
+        if reshaped:
+            k = reshaped[0]
+            example = f"e.g. {k} is {tuple(theirs[k].shape)} in the checkpoint, {tuple(mine[k].shape)} configured"
+        else:
+            example = f"e.g. {(missing or unexpected)[0]} is {'missing from' if missing else 'only in'} the checkpoint"
+        raise ValueError(
+            f"the checkpoint's architecture does not match the configured network ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected, {len(reshaped)} reshaped tensors; {example}); {fix}"
+        )

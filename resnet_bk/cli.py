@@ -20,8 +20,12 @@ runs; a TensorBoardLogger under <default_root_dir>/<experiment>, where <experime
 --config file's name without .yaml (else "default"); ModelCheckpoint on val/loss with last.ckpt;
 LearningRateMonitor; seed_everything 1234.
 
-Known user errors print one line `error: ...` and exit 2 (a non-finite loss exits 1); set
-RESNET_BK_DEBUG=1 for the full traceback. `build(args)` makes the same CLI without running a
+Known user errors print one line `error: ...` and exit 2 (a non-finite loss exits 1); pass --debug
+(first argument or anywhere) or set RESNET_BK_DEBUG=1 for the full traceback. docs/errors.md lists them.
+
+Resuming: `--ckpt_path last` resumes from the newest runs/<experiment>/version_*/checkpoints/last.ckpt
+(the resumed run logs to a new version folder; nothing of the old one is rewritten). Checkpoints are
+written atomically by lightning_modules.checkpoint_io.AtomicCheckpointIO, which the CLI installs. `build(args)` makes the same CLI without running a
 subcommand, for notebooks and tests: `cli = build(["--config", "configs/quickstart.yaml"])`, then
 `cli.trainer.fit(cli.model, cli.datamodule)`.
 """
@@ -39,7 +43,10 @@ from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
 from lightning_modules import LanguageModel
+from lightning_modules.checkpoint_io import AtomicCheckpointIO
 
 DEBUG_ENV = "RESNET_BK_DEBUG"
 DEFAULT_ROOT_DIR = "runs"
@@ -136,9 +143,13 @@ class ResNetBKCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        """Fill in the default logger, so that the saved config records where this run's logs went."""
+        """Fill in the default logger, so that the saved config records where this run's logs went;
+        resolve --ckpt_path last to a file (or a one-line error)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
+        if config.get("ckpt_path") is not None:
+            root = Path(trainer.default_root_dir or DEFAULT_ROOT_DIR) / experiment_name(config.get("config"))
+            config.ckpt_path = resolve_ckpt_path(str(config.ckpt_path), root)
         if trainer.logger in (None, True):
             trainer.logger = Namespace(
                 class_path="lightning.pytorch.loggers.TensorBoardLogger",
@@ -148,6 +159,33 @@ class ResNetBKCLI(LightningCLI):
                     default_hp_metric=False,  # LanguageModel registers val/ppl etc. for the HPARAMS tab
                 ),
             )
+
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default: make its writes atomic
+            strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+def resolve_ckpt_path(ckpt_path: str, experiment_dir: Path) -> str:
+    """"last": the newest <experiment_dir>/version_*/checkpoints/last*.ckpt; a path: itself, if it exists."""
+    if ckpt_path in ("best", "hpc") or "://" in ckpt_path:
+        return ckpt_path  # Lightning resolves these
+    if ckpt_path == "last":
+        found = [p for p in experiment_dir.glob("version_*/checkpoints/last*.ckpt") if p.is_file()]
+        if not found:
+            raise FileNotFoundError(
+                f"--ckpt_path last: no last.ckpt under {str(experiment_dir)}/version_*/checkpoints; "
+                "run without --ckpt_path to start fresh, or pass the checkpoint file"
+            )
+        return str(max(found, key=lambda p: p.stat().st_mtime))
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(
+            f"checkpoint not found: {ckpt_path!r}; pass an existing .ckpt file, or --ckpt_path last for the newest "
+            f"last.ckpt of this experiment"
+        )
+    return ckpt_path
 
 
 def experiment_name(config_paths) -> str:
@@ -164,13 +202,17 @@ def build(args: list[str]) -> ResNetBKCLI:
 
 def main(args: Optional[list[str]] = None) -> int:
     """Entry point of the `lightning` / `resnet-bk` console scripts and `python -m resnet_bk`."""
+    args = list(sys.argv[1:] if args is None else args)
+    if "--debug" in args:  # full tracebacks and usage messages, as RESNET_BK_DEBUG=1
+        args.remove("--debug")
+        os.environ[DEBUG_ENV] = "1"
     try:
         ResNetBKCLI(args=args)
     except Exception as err:  # noqa: BLE001 - re-raised unless it is a known user error
         code = _user_error_exit_code(err)
         if code is None or _debug():
             raise
-        print(f"error: {_one_line(str(err)) or type(err).__name__} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        print(f"error: {_one_line(str(err)) or type(err).__name__} (--debug for the traceback)", file=sys.stderr)
         return code
     return 0
 

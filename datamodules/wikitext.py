@@ -218,9 +218,10 @@ class WikiTextDataModule(L.LightningDataModule):
                         cache_dir=str(self.cache_dir / "hf"),
                     )
                 except Exception as e:
-                    if _caused_by(e, UnicodeDecodeError):
-                        raise ValueError(_not_utf8_message(self.files)) from e
-                    raise
+                    problem = _unreadable_file(self.files)  # read again only on this error path
+                    if problem is None:
+                        raise
+                    raise ValueError(problem) from e
         return self._text
 
     def _lines(self, split: str) -> Iterator[str]:
@@ -399,28 +400,26 @@ def _is_empty(path: Path) -> bool:
         ) from e
 
 
-def _caused_by(error: BaseException, kind: type) -> bool:
-    while error is not None:
-        if isinstance(error, kind):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
-def _not_utf8_message(files: dict[str, Path]) -> str:
-    """Which split file is not UTF-8, and where (read again only on this error path)."""
+def _unreadable_file(files: dict[str, Path]) -> str | None:
+    """A one-line message for the first split file that cannot be read in full as UTF-8 text, else None."""
     for path in files.values():
         offset = 0
         decoder = codecs.getincrementaldecoder("utf-8")()
-        with (lzma.open(path, "rb") if path.suffix == ".xz" else open(path, "rb")) as f:
-            try:
+        try:
+            with (lzma.open(path, "rb") if path.suffix == ".xz" else open(path, "rb")) as f:
                 while block := f.read(1 << 20):
                     decoder.decode(block)
                     offset += len(block)
                 decoder.decode(b"", final=True)
-            except UnicodeDecodeError as e:
-                return (
-                    f"{str(path)!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {offset + e.start}); "
-                    "convert it, e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8, and point source at the converted files"
-                )
-    return "a split file is not UTF-8 text; convert it (e.g. iconv -f latin1 -t utf-8) and point source at the copy"
+        except UnicodeDecodeError as e:
+            return (
+                f"{str(path)!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {offset + e.start}); "
+                "convert it, e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8, and point source at the converted files"
+            )
+        except (OSError, EOFError, lzma.LZMAError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+            return (
+                f"cannot read {str(path)!r} ({reason}); fix its permissions (chmod a+r) or replace the file "
+                "(a truncated download? re-compress it with xz, or store it uncompressed)"
+            )
+    return None

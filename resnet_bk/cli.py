@@ -131,6 +131,12 @@ class ResNetBKCLI(LightningCLI):
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
             super().parse_arguments(parser, args)
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would silently replace the configured model with the checkpoint's hparams (and
+        # only for an explicit path, not for "last"). Here the config stays what was asked for, and a
+        # checkpoint that does not fit it is a one-line error (LanguageModel.on_load_checkpoint).
+        return
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
         # A config may leave out the class_path of the usual model and data module and give init_args only.

@@ -240,7 +240,7 @@ def figure_title(meta: dict) -> str:
     return f"Gradient caching vs the automatic loop, {meta['device']}\n{meta['model']}; key {meta['key']}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--thresholds", type=float, nargs="+", default=[1.01, 0.9, 0.99, 0.98, 0.995],
                    help="caching runs, in this order (the first above 1: nothing hits)")
@@ -276,7 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replot", default=None, metavar="JSON", help="only redraw --figure from a results JSON")
     p.add_argument("--key_similarity", type=int, default=0, metavar="N",
                    help="only print the best key similarity to earlier batches over the first N batches (CPU is fine)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.replot:
         saved = json.loads(Path(args.replot).read_text())
         plot(saved["runs"], Path(args.figure), figure_title(saved["meta"]))

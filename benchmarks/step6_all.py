@@ -303,7 +303,7 @@ def _variant_measure(r: dict) -> str:
     keys = ("layers_executed", "experts_per_token", "exit_layer_mean", "ffn_rows_fraction", "compression_ratio",
             "inner_length_fraction", "ffn_rows/res1", "ffn_rows/res2")
     shown = [f"{k} {s[k]:.2f}" for k in keys if k in s]
-    shown += [f"{k} {v:.2f}" for k, v in s.items() if re.search("sparsity|density|keep|active", k)]
+    shown += [f"{k} {v:.2f}" for k, v in s.items() if re.fullmatch("(expected_)?sparsity", k)]
     if "val_ppl_all_layers" in r:
         shown.append(f"ppl all layers {r['val_ppl_all_layers']:.1f}")
     return "; ".join(shown) or "-"

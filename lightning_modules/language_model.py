@@ -25,7 +25,8 @@ Reliability (issue 12):
 - Non-finite values are caught at the step they occur: the training loss before backward, every
   gradient before the optimizer step. `nonfinite="stop"` (default) raises FloatingPointError naming
   the step and the tensor, before anything is applied or checkpointed; `nonfinite="skip"` drops that
-  step (no parameter or optimizer-state update) and counts it in train/nonfinite_skipped. Under DDP
+  optimizer step (no parameter or optimizer-state update; with gradient accumulation, the whole
+  window) and counts it in train/nonfinite_skipped. Under DDP
   the ranks agree on the decision, so none waits for another in a collective.
 - Exact resume: with `step_rng` (default), the torch/numpy/python RNGs are re-seeded at every
   training batch from (seed, rank, epoch, batch index), so dropout and other draws depend on the
@@ -137,6 +138,7 @@ class LanguageModel(L.LightningModule):
         self._hparams_summary_written = False
         self.nonfinite, self.step_rng = nonfinite, step_rng
         self.nonfinite_skipped = 0  # training steps dropped for a non-finite loss or gradient
+        self._drop_step = False
         self.rng_seed: int | None = None  # base of the per-step seeds; from the run (or checkpoint)
 
     def forward(self, input_ids: torch.Tensor):
@@ -206,7 +208,9 @@ class LanguageModel(L.LightningModule):
             if self.nonfinite == "stop":
                 raise FloatingPointError(message)
             self._skipped()
-            return None  # no backward: every .grad stays None, so the optimizer changes nothing
+            self._drop_step = True  # on_before_optimizer_step drops the gradients: AdamW then changes nothing
+            # A zero loss on every parameter (Lightning refuses None under DDP, whose backward must run on all ranks).
+            return sum((p.flatten()[:1] * 0.0).sum() for p in self.parameters() if p.requires_grad)
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", result.loss.detach(), prog_bar=True, batch_size=bs)
         self.log_dict({f"train/{k}": v for k, v in result.logs.items()}, batch_size=bs)
@@ -220,6 +224,11 @@ class LanguageModel(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Check every gradient before it is applied (after the AMP unscale, before clipping)."""
+        if self._drop_step:  # a non-finite loss was skipped in this accumulation window
+            self._drop_step = False
+            for p in self.parameters():
+                p.grad = None
+            return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if not grads:
             return

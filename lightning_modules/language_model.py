@@ -165,7 +165,8 @@ class LanguageModel(L.LightningModule):
             loss = loss + self.aux_loss_weights[name] * value
             logs[f"aux/{name}"] = value.detach()
         for name, value in out.stats.items():
-            logs[f"stats/{name}"] = torch.as_tensor(value).detach()
+            # on the module's device: a Python float or CPU tensor logged with sync_dist breaks NCCL
+            logs[f"stats/{name}"] = torch.as_tensor(value, device=self.device).detach()
         return LossOutput(loss, nll_sum.detach(), n_tokens, logs)
 
     def _checked_loss(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str) -> LossOutput:

@@ -1,0 +1,140 @@
+"""Tokenisation and loading throughput of WikiTextDataModule on a generated 100M-token corpus (CPU).
+
+The corpus: wiki.{train,valid,test}.tokens in WikiText's layout, words drawn from a Zipf(1.1)
+distribution over a 50,000-word vocabulary, 19 words per line (+ <eos> = 20 tokens per line), so
+the training split is `--tokens` tokens (default 100M, ~560 MB of text). Measured, each in order:
+
+  cold:  WikiTextDataModule(source=dir) on an empty cache (sha256 of the files, HF `datasets` Arrow
+         cache of the text, word counting) + prepare_data() (chunked tokenisation of every split
+         into memory-mapped token files), wall-clock and peak RSS;
+  warm:  a second WikiTextDataModule on the same cache + setup("fit"): what every later run pays;
+  load:  the training DataLoader (batch 32 x seq_len 256, shuffled windows, num_workers 0 and 2),
+         batches and tokens per second, and the RSS of the process while it iterates.
+
+    python benchmarks/data_scale.py [--tokens 100000000] [--work /tmp/data_scale]
+Writes benchmarks/results/data_scale.json; docs/data_scale.md reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def generate(folder: Path, n_tokens: int, vocab: int = 50_000, words_per_line: int = 19, seed: int = 0) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    words = np.array([f"w{i}" for i in range(vocab)], dtype=object)
+    p = 1.0 / np.arange(1, vocab + 1) ** 1.1
+    cdf = np.cumsum(p / p.sum())
+    per_line = words_per_line + 1
+    for split, n in (("train", n_tokens), ("valid", 200_000), ("test", 200_000)):
+        with open(folder / f"wiki.{split}.tokens", "w", encoding="utf-8") as f:
+            lines_left = n // per_line
+            while lines_left:
+                k = min(lines_left, 200_000)
+                ids = np.searchsorted(cdf, rng.random((k, words_per_line)))
+                f.write("".join(" " + " ".join(row) + " \n" for row in words[np.minimum(ids, vocab - 1)].tolist()))
+                lines_left -= k
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=100_000_000)
+    ap.add_argument("--work", default="/tmp/data_scale")
+    ap.add_argument("--batches", type=int, default=2000)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_scale.json"))
+    args = ap.parse_args()
+    work = Path(args.work)
+    data, cache = work / "corpus", work / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    result = {"tokens_requested": args.tokens, "cpu": platform.processor() or platform.machine(),
+              "cores": os.cpu_count()}  # fmt: skip
+
+    t = time.perf_counter()
+    if not (data / "wiki.train.tokens").exists():
+        generate(data, args.tokens)
+    result["generate_s"] = time.perf_counter() - t
+    result["text_bytes"] = sum(f.stat().st_size for f in data.iterdir())
+
+    from datamodules import WikiTextDataModule
+
+    rss0 = rss_mb()
+    t = time.perf_counter()
+    dm = WikiTextDataModule(source=str(data), seq_len=256, batch_size=32, cache_dir=str(cache))
+    t_init = time.perf_counter() - t
+    t = time.perf_counter()
+    dm.prepare_data()
+    t_tok = time.perf_counter() - t
+    n_train = len(dm.tokens("train"))
+    result["cold"] = {
+        "init_s (hash + HF Arrow text cache + word counts)": t_init,
+        "tokenise_s (all splits -> memmap files)": t_tok,
+        "train_tokens": n_train, "vocab_size": dm.vocab_size,
+        "tokens_per_s_tokenise": sum(len(dm.tokens(s)) for s in ("train", "valid", "test")) / t_tok,
+        "tokens_per_s_end_to_end": n_train / (t_init + t_tok),
+        "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss0,
+        "token_file_mb": sum(p.stat().st_size for p in (cache / "streams").iterdir()) / 2**20,
+        "token_dtype": str(dm.tokens("train").dtype),
+    }  # fmt: skip
+    print(json.dumps(result["cold"]), flush=True)
+    del dm
+
+    import torch
+
+    rss1 = rss_mb()
+    t = time.perf_counter()
+    dm = WikiTextDataModule(source=str(data), seq_len=256, batch_size=32, cache_dir=str(cache))
+    dm.setup("fit")
+    result["warm"] = {"init_and_setup_s": time.perf_counter() - t, "rss_increase_mb": rss_mb() - rss1,
+                      "train_windows": len(dm.train_dataset)}  # fmt: skip
+    print(json.dumps(result["warm"]), flush=True)
+
+    result["load"] = {}
+    for workers in (0, 2):
+        dm.num_workers = workers
+        loader = dm.train_dataloader()
+        n = min(args.batches, len(loader) - 2)  # full batches only
+        it = iter(loader)
+        next(it)
+        t = time.perf_counter()
+        for _ in range(n):
+            batch = next(it)
+        dt = time.perf_counter() - t
+        assert batch["input_ids"].shape == (32, 256) and batch["input_ids"].dtype == torch.int64
+        result["load"][f"num_workers={workers}"] = {
+            "batches_per_s": n / dt, "tokens_per_s": n * 32 * 256 / dt, "rss_mb": rss_mb(),
+        }  # fmt: skip
+        print(json.dumps(result["load"]), flush=True)
+        del it
+    result["peak_rss_mb_total"] = peak_rss_mb()
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -185,9 +185,10 @@ class LanguageModel(L.LightningModule):
         return trainer.strategy.reduce_boolean_decision(ok, all=True)
 
     def _nonfinite_message(self, what: str, result: LossOutput | None, batch_idx: int) -> str:
-        detail = "" if result is None else f" ({what} = {result.loss.item()}, ce = {result.logs['ce'].item()})"
+        if result is not None:
+            what = f"{what} ({result.loss.item()}, ce = {result.logs['ce'].item()})"
         return (
-            f"non-finite {what} at global step {self.global_step}, batch {batch_idx}{detail}; nothing was applied "
+            f"non-finite {what} at global step {self.global_step}, batch {batch_idx}; nothing was applied "
             "or checkpointed. Try a lower lr, trainer.gradient_clip_val, or model.init_args.nonfinite: skip."
         )
 
@@ -205,7 +206,7 @@ class LanguageModel(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         result = self.compute_loss(batch, "train")
         if not self._all_ranks(bool(torch.isfinite(result.loss))):
-            message = self._nonfinite_message("training loss", result, batch_idx)
+            message = self._nonfinite_message("train loss", result, batch_idx)
             if self.nonfinite == "stop":
                 raise FloatingPointError(message)
             self._skipped()

@@ -23,6 +23,7 @@ import os
 import platform
 import resource
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,16 @@ def rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def anon_rss_mb() -> float:
+    """Anonymous (heap) resident memory: RSS without the pages of memory-mapped files, which the
+    kernel can drop at any time (they are page cache, not memory the process holds)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -68,10 +79,10 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/data_scale")
     ap.add_argument("--batches", type=int, default=2000)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_scale.json"))
+    ap.add_argument("--phase", choices=("all", "cold", "warm"), default="all")
     args = ap.parse_args()
     work = Path(args.work)
     data, cache = work / "corpus", work / "cache"
-    shutil.rmtree(cache, ignore_errors=True)
     result = {"tokens_requested": args.tokens, "cpu": platform.processor() or platform.machine(),
               "cores": os.cpu_count()}  # fmt: skip
 
@@ -81,8 +92,22 @@ def main() -> None:
     result["generate_s"] = time.perf_counter() - t
     result["text_bytes"] = sum(f.stat().st_size for f in data.iterdir())
 
+    if args.phase == "all":  # each phase in its own process, so that each peak RSS is its own
+        for phase in ("cold", "warm"):
+            subprocess.run([sys.executable, __file__, "--phase", phase, "--tokens", str(args.tokens), "--work",
+                            args.work, "--batches", str(args.batches), "--out", f"{args.out}.{phase}"], check=True)
+            result.update(json.loads(Path(f"{args.out}.{phase}").read_text()))
+            os.unlink(f"{args.out}.{phase}")
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        print(json.dumps(result, indent=1))
+        return
+    result = {}
+
     from datamodules import WikiTextDataModule
 
+    if args.phase == "warm":
+        return warm_and_load(args, data, cache, result, WikiTextDataModule)
+    shutil.rmtree(cache, ignore_errors=True)
     rss0 = rss_mb()
     t = time.perf_counter()
     dm = WikiTextDataModule(source=str(data), seq_len=256, batch_size=32, cache_dir=str(cache))
@@ -97,20 +122,23 @@ def main() -> None:
         "train_tokens": n_train, "vocab_size": dm.vocab_size,
         "tokens_per_s_tokenise": sum(len(dm.tokens(s)) for s in ("train", "valid", "test")) / t_tok,
         "tokens_per_s_end_to_end": n_train / (t_init + t_tok),
-        "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss0,
+        "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss0, "anon_rss_after_mb": anon_rss_mb(),
         "token_file_mb": sum(p.stat().st_size for p in (cache / "streams").iterdir()) / 2**20,
         "token_dtype": str(dm.tokens("train").dtype),
     }  # fmt: skip
     print(json.dumps(result["cold"]), flush=True)
-    del dm
+    Path(args.out).write_text(json.dumps(result, indent=1))
 
+
+def warm_and_load(args, data, cache, result, WikiTextDataModule) -> None:
     import torch
 
-    rss1 = rss_mb()
+    rss1, anon1 = rss_mb(), anon_rss_mb()
     t = time.perf_counter()
     dm = WikiTextDataModule(source=str(data), seq_len=256, batch_size=32, cache_dir=str(cache))
     dm.setup("fit")
     result["warm"] = {"init_and_setup_s": time.perf_counter() - t, "rss_increase_mb": rss_mb() - rss1,
+                      "anon_rss_before_mb": anon1, "anon_rss_after_setup_mb": anon_rss_mb(),
                       "train_windows": len(dm.train_dataset)}  # fmt: skip
     print(json.dumps(result["warm"]), flush=True)
 
@@ -128,12 +156,12 @@ def main() -> None:
         assert batch["input_ids"].shape == (32, 256) and batch["input_ids"].dtype == torch.int64
         result["load"][f"num_workers={workers}"] = {
             "batches_per_s": n / dt, "tokens_per_s": n * 32 * 256 / dt, "rss_mb": rss_mb(),
+            "anon_rss_mb": anon_rss_mb(),
         }  # fmt: skip
         print(json.dumps(result["load"]), flush=True)
         del it
-    result["peak_rss_mb_total"] = peak_rss_mb()
+    result["warm"]["peak_rss_mb"] = peak_rss_mb()
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -227,8 +227,10 @@ class WikiTextDataModule(L.LightningDataModule):
     def _lines(self, split: str) -> Iterator[str]:
         """Lines of a split without line breaks (lazy: nothing is read until iterated)."""
         name = HF_SPLITS[split] if self.hf_config is not None else split
-        for line in self._load_text()[name]["text"]:
-            yield line[:-1] if line.endswith("\n") else line  # HF wikitext rows keep their "\n"
+        # In batches from the memory-mapped Arrow table: memory stays bounded for any corpus size.
+        for batch in self._load_text()[name].iter(batch_size=10_000):
+            for line in batch["text"]:
+                yield line[:-1] if line.endswith("\n") else line  # HF wikitext rows keep their "\n"
 
     # ---- token streams ------------------------------------------------------------------
     def tokens(self, split: str) -> np.ndarray:

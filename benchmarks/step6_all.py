@@ -367,6 +367,11 @@ def markdown(report: dict) -> str:
     lines += [f"- {n}: {v['description']} (`{v['config']}`)" for n, v in report["variants"].items()]
     if report["missing"]:
         lines.append(f"- not in this checkout (no config): {', '.join(report['missing'])}")
+    if any(r["variant"].endswith("sparse") for r in rows):
+        lines.append("\nNote: run_variant trains without Lightning hooks, so SparseLanguageModel's Gumbel-sigmoid "
+                     "temperature schedule (on_train_batch_start) did not run: tau stayed at 1.0. It shapes only the "
+                     "straight-through gradient (the keep probability does not depend on it); the configs anneal it "
+                     "to 0.2 over 2000 steps.")
     if report["skipped"]:
         lines.append(f"\nWARNING: skipped at the deadline (not measured): {', '.join(report['skipped'])}")
     return "\n".join(lines) + "\n"

@@ -172,6 +172,10 @@ class ResNetBKCLI(LightningCLI):
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default: make its writes atomic
             strategy.checkpoint_io = AtomicCheckpointIO()
+        if callable(getattr(self.datamodule, "set_train_subset", None)):
+            # WikiTextDataModule's sampler resumes mid-epoch itself (its state is in the checkpoint);
+            # Lightning, which only sees a DataLoader without state_dict, would warn otherwise.
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
 
 
 def resolve_ckpt_path(ckpt_path: str, experiment_dir: Path) -> str:

@@ -20,9 +20,9 @@ TINY = [
     "--model.init_args.network.init_args.d_model", "16", "--model.init_args.network.init_args.n_layers", "1",
     "--model.init_args.network.init_args.max_seq_len", "16", "--model.init_args.network.init_args.dropout", "0.1",
     "--model.init_args.warmup_steps", "4", "--data.init_args.seq_len", "16", "--data.init_args.batch_size", "4",
-    "--data.init_args.max_train_tokens", "1400",  # 87 windows: 22 batches per epoch, the last one short
+    "--data.init_args.max_train_tokens", "1000",  # 62 windows: 16 batches per epoch, the last one short
 ]  # fmt: skip
-MAX_STEPS, KILL_AT, EVERY = 26, 13, 5  # killed mid-epoch 1 after the step-10 checkpoint; epoch 2 starts at 22
+MAX_STEPS, KILL_AT, EVERY = 20, 13, 5  # killed mid-epoch 1 after the step-10 checkpoint; epoch 2 starts at 16
 
 
 class Killed(Exception):

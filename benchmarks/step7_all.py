@@ -30,7 +30,7 @@ def run(steps: int, eval_every: int, *, d_model: int = 128, n_layers: int = 4, n
     """Train one model per method and return its validation curve."""
     import torch
 
-    from benchmarks import step7_data, step7_gradcache
+    from benchmarks import step7_data
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     common = ["--d-model", str(d_model), "--n-layers", str(n_layers), "--num-experts", str(num_experts),

@@ -208,7 +208,8 @@ def test_causality_test_catches_a_top_k_mask(monkeypatch):
         layer.threshold.fill_(0.0)
     monkeypatch.setattr(ImportancePredictor, "forward", top_k)
     with pytest.raises(AssertionError):
-        _assert_causal(model, torch.randint(0, V, (2, 16)), (15, 12, 8), False)
+        # every position perturbed: whether one change moves the sequence's top-k set depends on the weights
+        _assert_causal(model, torch.randint(0, V, (2, 16)), range(15, 0, -1), False)
 
 
 # ------------------------------------------------------------------------------ work skipped

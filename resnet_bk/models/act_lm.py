@@ -59,13 +59,7 @@ class ACTResNetBKLM(ResNetBKLM):
 
     def forward(self, input_ids: torch.Tensor) -> LMOutput:
         b, n = input_ids.shape
-        if n > self.max_seq_len:
-            raise ValueError(
-                f"ACTResNetBKLM: input length {n} exceeds max_seq_len {self.max_seq_len}; "
-                "raise max_seq_len or lower seq_len."
-            )
-        pos = torch.arange(n, device=input_ids.device)
-        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))  # (B, N, D)
+        x = self.embed(input_ids)  # (B, N, D)
 
         def step(block):
             def run(x, running):
@@ -76,5 +70,5 @@ class ACTResNetBKLM(ResNetBKLM):
 
         y, aux_losses, stats, work = self.act(x, [step(block) for block in self.blocks])
         stats["ffn_rows_frac"] = work.get("ffn_rows", 0) / (b * n * len(self.blocks))
-        logits = self.lm_head(self.ln_f(y))
+        logits = self.head(y)
         return LMOutput(logits=logits, aux_losses=aux_losses, stats=stats)

@@ -64,5 +64,5 @@ class ACTMultiScaleLM(MultiScaleLM):
         x = self.embed(input_ids)
         y, aux_losses, stats, work = self.act(x, list(self.blocks))
         stats.update(work_stats(work, input_ids.numel()))
-        logits = self.lm_head(self.ln_f(y))
+        logits = self.head(y)
         return LMOutput(logits=logits, aux_losses=aux_losses, stats=stats)

@@ -19,18 +19,17 @@ References: Nawrot et al. 2023 (Dynamic Token Pooling), Nawrot et al. 2022 (Hour
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
 
 from resnet_bk.layers.adaptive_length import BoundaryPredictor, boundary_prior_nll, causal_upsample, segment_pool
 from resnet_bk.layers.bk_layer import ResNetBKBlock
+from resnet_bk.models.base import TiedEmbeddingLM
 from resnet_bk.models.output import LMOutput
-from resnet_bk.models.resnet_bk_lm import _init_weights
 
 
-class AdaptiveLengthLM(nn.Module):
+class AdaptiveLengthLM(TiedEmbeddingLM):
     """input_ids (B, N) long -> LMOutput(logits (B, N, V), aux_losses, stats).
 
     Args:
@@ -75,7 +74,7 @@ class AdaptiveLengthLM(nn.Module):
         length_multiple: int = 1,
         eval_sampling: bool = False,
     ):
-        super().__init__()
+        super().__init__(vocab_size, d_model, max_seq_len, dropout)
         if n_pre < 1 or n_inner < 0 or n_post < 0:
             raise ValueError(
                 f"AdaptiveLengthLM: need n_pre >= 1, n_inner >= 0, n_post >= 0, got {n_pre}, {n_inner}, {n_post}."
@@ -85,7 +84,7 @@ class AdaptiveLengthLM(nn.Module):
         if length_multiple < 1:
             raise ValueError(f"AdaptiveLengthLM: length_multiple must be >= 1, got {length_multiple}.")
         d_ff = 4 * d_model if d_ff is None else d_ff
-        self.max_seq_len, self.causal = max_seq_len, causal
+        self.causal = causal
         self.prior_rate, self.length_multiple = prior_rate, length_multiple
         z = complex(z_real, z_imag)
 
@@ -94,31 +93,15 @@ class AdaptiveLengthLM(nn.Module):
                 ResNetBKBlock(d_model, d_ff, num_experts, top_k, z, bk_scale, causal, dropout) for _ in range(n)
             )
 
-        self.tok_emb = nn.Embedding(vocab_size, d_model)
-        self.pos_emb = nn.Embedding(max_seq_len, d_model)
-        self.drop = nn.Dropout(dropout)
         self.pre_blocks, self.inner_blocks, self.post_blocks = blocks(n_pre), blocks(n_inner), blocks(n_post)
         self.boundary = BoundaryPredictor(d_model, boundary_temperature, init_boundary_rate, eval_sampling)
         self.null = nn.Parameter(torch.zeros(d_model))  # what a position sees before any segment closes
-        self.ln_f = nn.LayerNorm(d_model)
-        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
-        self.lm_head.weight = self.tok_emb.weight
-
-        self.apply(_init_weights)
+        self.init_weights(n_residual=n_pre + n_inner + n_post)
         self.boundary.reset_bias()
-        n_layers = n_pre + n_inner + n_post
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layers))
 
     def forward(self, input_ids: torch.Tensor) -> LMOutput:
         bsz, n = input_ids.shape
-        if n > self.max_seq_len:
-            raise ValueError(
-                f"AdaptiveLengthLM: input length {n} exceeds max_seq_len {self.max_seq_len}; "
-                "raise max_seq_len or lower seq_len."
-            )
-        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(torch.arange(n, device=input_ids.device)))
+        x = self.embed(input_ids)
         sums: tuple[dict, dict] = ({}, {})
         n_run = 0
 
@@ -138,7 +121,7 @@ class AdaptiveLengthLM(nn.Module):
         y = run(self.inner_blocks, z) if k_pad > 0 else z
         x = x + causal_upsample(y, b, self.null)
         x = run(self.post_blocks, x)
-        logits = self.lm_head(self.ln_f(x))
+        logits = self.head(x)
 
         n_run = max(n_run, 1)
         aux_losses = {k: v / n_run for k, v in sums[0].items()}

@@ -16,7 +16,8 @@ import math
 import torch.nn as nn
 
 from resnet_bk.layers.conditional_moe import ConditionalMoEFeedForward
-from resnet_bk.models.resnet_bk_lm import ResNetBKLM, _init_weights
+from resnet_bk.models.base import init_weights
+from resnet_bk.models.resnet_bk_lm import ResNetBKLM
 
 
 class ConditionalMoELM(ResNetBKLM):
@@ -54,7 +55,7 @@ class ConditionalMoELM(ResNetBKLM):
         d_ff = 4 * d_model if d_ff is None else d_ff
         for block in self.blocks:
             moe = ConditionalMoEFeedForward(d_model, d_ff, num_experts, top_p, min_experts, max_experts, dropout)
-            moe.apply(_init_weights)
+            moe.apply(init_weights)
             for p in (e.c_proj.weight for e in moe.experts):  # as in ResNetBKLM: 1/sqrt(2 n_layers)
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layers))
             block.bk.moe = moe

@@ -105,27 +105,14 @@ class EarlyExitLM(ResNetBKLM):
         self.register_buffer("exit_threshold", torch.tensor(float("nan") if exit_threshold is None else exit_threshold))
         self.last_ffn_rows: list[int] = []  # feed-forward rows per layer in the last forward
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        """The shared LM head: (..., D) residual states -> (..., V) logits."""
-        return self.lm_head(self.ln_f(x))
-
     def forward(self, input_ids: torch.Tensor, exits: bool | None = None) -> EarlyExitOutput:
         threshold = float(self.exit_threshold)
         if exits is None:  # inf (calibrated to "never") or NaN (unset): no exits, no head per layer
             exits = not self.training and math.isfinite(threshold)
         if exits and math.isnan(threshold):
             raise ValueError("EarlyExitLM: exits=True needs an exit_threshold (set or calibrated).")
-        x = self._embed(input_ids)
+        x = self.embed(input_ids)
         return self._forward_exits(x, threshold) if exits else self._forward_all(x)
-
-    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        n = input_ids.shape[1]
-        if n > self.max_seq_len:
-            raise ValueError(
-                f"EarlyExitLM: input length {n} exceeds max_seq_len {self.max_seq_len}; "
-                "raise max_seq_len or lower seq_len."
-            )
-        return self.drop(self.tok_emb(input_ids) + self.pos_emb(torch.arange(n, device=input_ids.device)))
 
     def _forward_all(self, x: torch.Tensor) -> EarlyExitOutput:
         sums: tuple[dict, dict] = ({}, {})

@@ -15,7 +15,6 @@ References:
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -23,13 +22,13 @@ import torch.nn as nn
 
 from resnet_bk.layers.bk_layer import ResNetBKBlock
 from resnet_bk.layers.multiscale import MLPRefine, MultiScaleBlock, Refine
+from resnet_bk.models.base import TiedEmbeddingLM
 from resnet_bk.models.output import LMOutput
-from resnet_bk.models.resnet_bk_lm import _init_weights
 
 RESOLUTIONS = (1, 2, 4)
 
 
-class MultiScaleLM(nn.Module):
+class MultiScaleLM(TiedEmbeddingLM):
     """input_ids (B, N) long -> LMOutput(logits (B, N, V), aux_losses, stats).
 
     Args:
@@ -68,40 +67,18 @@ class MultiScaleLM(nn.Module):
         dropout: float = 0.0,
         causal: bool = True,
     ):
-        super().__init__()
+        super().__init__(vocab_size, d_model, max_seq_len, dropout)
         if n_blocks < 1:
             raise ValueError(f"{type(self).__name__}: n_blocks must be >= 1, got {n_blocks}.")
         d_ff = 4 * d_model if d_ff is None else d_ff
-        self.max_seq_len, self.causal = max_seq_len, causal
-        self.tok_emb = nn.Embedding(vocab_size, d_model)
-        self.pos_emb = nn.Embedding(max_seq_len, d_model)
-        self.drop = nn.Dropout(dropout)
+        self.causal = causal
         z = complex(z_real, z_imag)
         self.blocks = nn.ModuleList(
             MultiScaleBlock(d_model, d_ff, num_experts, top_k, z, bk_scale, causal, dropout, hierarchical, refine, refine_d_ff)
             for _ in range(n_blocks)
         )
-        self.ln_f = nn.LayerNorm(d_model)
-        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
-        self.lm_head.weight = self.tok_emb.weight  # weight tying
-
-        self.apply(_init_weights)
-        # nanoGPT: the projections that write into a residual stream get std 0.02 / sqrt(2 * number
-        # of residual blocks) (all resolutions counted, as in a plain stack of that many blocks).
-        n_residual = sum(isinstance(m, (ResNetBKBlock, MLPRefine)) for m in self.modules())
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_residual))
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        n = input_ids.shape[1]
-        if n > self.max_seq_len:
-            raise ValueError(
-                f"{type(self).__name__}: input length {n} exceeds max_seq_len {self.max_seq_len}; "
-                "raise max_seq_len or lower seq_len."
-            )
-        pos = torch.arange(n, device=input_ids.device)
-        return self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))  # (B, N, D)
+        # Residual blocks at every resolution count, as in a plain stack of that many blocks.
+        self.init_weights(n_residual=sum(isinstance(m, (ResNetBKBlock, MLPRefine)) for m in self.modules()))
 
     def forward(self, input_ids: torch.Tensor) -> LMOutput:
         x = self.embed(input_ids)
@@ -116,7 +93,7 @@ class MultiScaleLM(nn.Module):
                 stat_sums.setdefault(k, []).append(v)
             for k, v in counts.items():
                 work[k] = work.get(k, 0) + v
-        logits = self.lm_head(self.ln_f(x))
+        logits = self.head(x)
         aux_losses = {k: sum(v) / len(v) for k, v in aux_sums.items()}
         stats = {k: sum(v) / len(v) for k, v in stat_sums.items()}
         stats.update(work_stats(work, input_ids.numel()))

@@ -12,16 +12,15 @@ References:
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 
 from resnet_bk.layers.bk_layer import ResNetBKBlock
+from resnet_bk.models.base import TiedEmbeddingLM
 from resnet_bk.models.output import LMOutput
 
 
-class ResNetBKLM(nn.Module):
+class ResNetBKLM(TiedEmbeddingLM):
     """input_ids (B, N) long -> LMOutput(logits (B, N, V), aux_losses, stats).
 
     Args:
@@ -59,36 +58,17 @@ class ResNetBKLM(nn.Module):
         dropout: float = 0.0,
         causal: bool = True,
     ):
-        super().__init__()
+        super().__init__(vocab_size, d_model, max_seq_len, dropout)
         d_ff = 4 * d_model if d_ff is None else d_ff
-        self.max_seq_len, self.causal = max_seq_len, causal
-        self.tok_emb = nn.Embedding(vocab_size, d_model)
-        self.pos_emb = nn.Embedding(max_seq_len, d_model)
-        self.drop = nn.Dropout(dropout)
+        self.causal = causal
         z = complex(z_real, z_imag)
         self.blocks = nn.ModuleList(
             ResNetBKBlock(d_model, d_ff, num_experts, top_k, z, bk_scale, causal, dropout) for _ in range(n_layers)
         )
-        self.ln_f = nn.LayerNorm(d_model)
-        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
-        self.lm_head.weight = self.tok_emb.weight  # weight tying (Press & Wolf 2017)
-
-        self.apply(_init_weights)
-        # nanoGPT: scale the projections that write into the residual stream by 1/sqrt(2 * n_layers).
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layers))
+        self.init_weights(n_residual=n_layers)
 
     def forward(self, input_ids: torch.Tensor) -> LMOutput:
-        b, n = input_ids.shape
-        if n > self.max_seq_len:
-            raise ValueError(
-                f"ResNetBKLM: input length {n} exceeds max_seq_len {self.max_seq_len}; "
-                "raise max_seq_len or lower seq_len."
-            )
-        pos = torch.arange(n, device=input_ids.device)
-        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))  # (B, N, D)
-
+        x = self.embed(input_ids)  # (B, N, D)
         aux_sums: dict[str, torch.Tensor] = {}
         stat_sums: dict[str, torch.Tensor] = {}
         for block in self.blocks:
@@ -97,19 +77,10 @@ class ResNetBKLM(nn.Module):
                 aux_sums[k] = aux_sums.get(k, 0.0) + v
             for k, v in stats.items():
                 stat_sums[k] = stat_sums.get(k, 0.0) + v
-        logits = self.lm_head(self.ln_f(x))  # (B, N, V)
+        logits = self.head(x)  # (B, N, V)
 
         n_layers = max(len(self.blocks), 1)
         aux_losses = {k: v / n_layers for k, v in aux_sums.items()}
         stats = {k: v / n_layers for k, v in stat_sums.items()}
         return LMOutput(logits=logits, aux_losses=aux_losses, stats=stats)
 
-
-def _init_weights(module: nn.Module) -> None:
-    """nanoGPT init: N(0, 0.02) weights, zero biases (LayerNorm keeps ones and zeros)."""
-    if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Embedding):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)

@@ -29,13 +29,14 @@ from resnet_bk.layers.multiscale import MLPRefine
 from resnet_bk.layers.sparsity import Core, MultiScaleSparseBlock, SparseResNetBKBlock, set_temperature, sparse_layers
 from resnet_bk.models.multiscale_lm import MultiScaleLM
 from resnet_bk.models.output import LMOutput
-from resnet_bk.models.resnet_bk_lm import ResNetBKLM, _init_weights
+from resnet_bk.models.base import init_weights
+from resnet_bk.models.resnet_bk_lm import ResNetBKLM
 
 
 def _reinit(model: nn.Module, blocks: nn.Module) -> None:
     """nanoGPT init of the new blocks, residual projections scaled by the number of residual blocks,
     then each sparse layer's own init."""
-    blocks.apply(_init_weights)
+    blocks.apply(init_weights)
     n_residual = sum(isinstance(m, (ResNetBKBlock, MLPRefine)) for m in model.modules())
     for name, p in blocks.named_parameters():
         if name.endswith("c_proj.weight"):
@@ -74,10 +75,7 @@ class SparseResNetBKLM(ResNetBKLM):
 
     def forward(self, input_ids: torch.Tensor) -> LMOutput:
         b, n = input_ids.shape
-        if n > self.max_seq_len:
-            raise ValueError(f"SparseResNetBKLM: input length {n} exceeds max_seq_len {self.max_seq_len}; "
-                             "raise max_seq_len or lower seq_len.")
-        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(torch.arange(n, device=input_ids.device)))
+        x = self.embed(input_ids)
         aux_all: dict[str, list] = {}
         stat_all: dict[str, list] = {}
         per_layer, rows = {}, 0
@@ -89,7 +87,7 @@ class SparseResNetBKLM(ResNetBKLM):
                 stat_all.setdefault(k, []).append(v)
             per_layer[f"sparsity/{l}"] = stats["sparsity"]
             rows += block.bk.last_rows
-        logits = self.lm_head(self.ln_f(x))
+        logits = self.head(x)
         aux_losses = {k: sum(v) / len(v) for k, v in aux_all.items()}
         stats = {k: sum(v) / len(v) for k, v in stat_all.items()}
         stats.update(per_layer)

@@ -9,12 +9,12 @@ References:
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from resnet_bk.models.base import TiedEmbeddingLM
 from resnet_bk.models.output import LMOutput
 
 
@@ -67,7 +67,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class TransformerLM(nn.Module):
+class TransformerLM(TiedEmbeddingLM):
     """input_ids (B, N) long -> LMOutput(logits (B, N, V), aux_losses={}, stats={}).
 
     Args:
@@ -88,42 +88,14 @@ class TransformerLM(nn.Module):
         max_seq_len: int = 1024,
         dropout: float = 0.0,
     ):
-        super().__init__()
+        super().__init__(vocab_size, d_model, max_seq_len, dropout)
         d_ff = 4 * d_model if d_ff is None else d_ff
-        self.max_seq_len = max_seq_len
-        self.tok_emb = nn.Embedding(vocab_size, d_model)
-        self.pos_emb = nn.Embedding(max_seq_len, d_model)
-        self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(d_model, n_heads, d_ff, dropout) for _ in range(n_layers))
-        self.ln_f = nn.LayerNorm(d_model)
-        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
-        self.lm_head.weight = self.tok_emb.weight  # weight tying (Press & Wolf 2017)
-
-        self.apply(_init_weights)
-        # nanoGPT: scale the projections that write into the residual stream by 1/sqrt(2 * n_layers).
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layers))
+        self.init_weights(n_residual=n_layers)
 
     def forward(self, input_ids: torch.Tensor) -> LMOutput:
-        b, n = input_ids.shape
-        if n > self.max_seq_len:
-            raise ValueError(
-                f"TransformerLM: input length {n} exceeds max_seq_len {self.max_seq_len}; "
-                "raise max_seq_len or lower seq_len."
-            )
-        pos = torch.arange(n, device=input_ids.device)
-        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))  # (B, N, D)
+        x = self.embed(input_ids)  # (B, N, D)
         for block in self.blocks:
             x = block(x)
-        return LMOutput(logits=self.lm_head(self.ln_f(x)))
+        return LMOutput(logits=self.head(x))
 
-
-def _init_weights(module: nn.Module) -> None:
-    """nanoGPT init: N(0, 0.02) weights, zero biases (LayerNorm keeps ones and zeros)."""
-    if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Embedding):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)

@@ -15,6 +15,7 @@ from resnet_bk.layers.adaptive_length import (
     segment_pool,
 )
 from resnet_bk.models.adaptive_length_lm import AdaptiveLengthLM
+from fit_args import tiny_fit_args
 
 V, D = 40, 16
 
@@ -190,31 +191,4 @@ def test_config_trains_two_steps_and_logs_compression():
     assert metrics["train/stats/compression_ratio"] > 1
 
 
-_TINY = [
-    "--trainer.max_steps",
-    "2",
-    "--trainer.limit_val_batches",
-    "1",
-    "--trainer.val_check_interval",
-    "2",
-    "--trainer.num_sanity_val_steps",
-    "0",
-    "--trainer.accelerator",
-    "cpu",
-    "--trainer.logger",
-    "false",
-    "--trainer.enable_checkpointing",
-    "false",
-    "--trainer.callbacks",
-    "[]",
-    "--trainer.enable_progress_bar",
-    "false",
-    "--trainer.enable_model_summary",
-    "false",
-    "--data.init_args.seq_len",
-    "16",
-    "--data.init_args.batch_size",
-    "2",
-    "--data.init_args.max_train_tokens",
-    "2000",
-]
+_TINY = tiny_fit_args(seq_len=16)

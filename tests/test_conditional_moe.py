@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from resnet_bk.layers.conditional_moe import ConditionalMoEFeedForward, top_p_expert_mask
 from resnet_bk.models.conditional_moe_lm import ConditionalMoELM
+from fit_args import tiny_fit_args
 
 V, D = 40, 16
 
@@ -148,31 +149,4 @@ def test_config_trains_two_steps():
     assert "train/aux/compute" in metrics and "val/stats/expert_load/0" in metrics
 
 
-_TINY = [
-    "--trainer.max_steps",
-    "2",
-    "--trainer.limit_val_batches",
-    "1",
-    "--trainer.val_check_interval",
-    "2",
-    "--trainer.num_sanity_val_steps",
-    "0",
-    "--trainer.accelerator",
-    "cpu",
-    "--trainer.logger",
-    "false",
-    "--trainer.enable_checkpointing",
-    "false",
-    "--trainer.callbacks",
-    "[]",
-    "--trainer.enable_progress_bar",
-    "false",
-    "--trainer.enable_model_summary",
-    "false",
-    "--data.init_args.seq_len",
-    "16",
-    "--data.init_args.batch_size",
-    "2",
-    "--data.init_args.max_train_tokens",
-    "2000",
-]
+_TINY = tiny_fit_args(seq_len=16)

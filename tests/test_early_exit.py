@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from lightning_modules.early_exit import EarlyExitLanguageModel
 from resnet_bk.layers.early_exit import calibrate_threshold, confidence, exit_outcomes
 from resnet_bk.models.early_exit_lm import EarlyExitLM
+from fit_args import tiny_fit_args
 
 V, D, L = 40, 16, 3
 
@@ -191,31 +192,4 @@ def test_config_trains_two_steps_and_logs_the_cost_of_exiting():
     assert metrics["val/stats/exit_layer_mean"] < 2
 
 
-_TINY = [
-    "--trainer.max_steps",
-    "2",
-    "--trainer.limit_val_batches",
-    "1",
-    "--trainer.val_check_interval",
-    "2",
-    "--trainer.num_sanity_val_steps",
-    "0",
-    "--trainer.accelerator",
-    "cpu",
-    "--trainer.logger",
-    "false",
-    "--trainer.enable_checkpointing",
-    "false",
-    "--trainer.callbacks",
-    "[]",
-    "--trainer.enable_progress_bar",
-    "false",
-    "--trainer.enable_model_summary",
-    "false",
-    "--data.init_args.seq_len",
-    "16",
-    "--data.init_args.batch_size",
-    "2",
-    "--data.init_args.max_train_tokens",
-    "2000",
-]
+_TINY = tiny_fit_args(seq_len=16)

@@ -14,6 +14,7 @@ import torch
 from resnet_bk.layers.multiscale import CausalDownsample, CausalUpsample, pair_any
 from resnet_bk.models.act_multiscale_lm import ACTMultiScaleLM
 from resnet_bk.models.multiscale_lm import MultiScaleLM
+from fit_args import tiny_fit_args
 
 V, D = 40, 16
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -157,13 +158,7 @@ def test_bad_refine_is_an_error():
 
 
 # ------------------------------------------------------------------------------------- configs
-_TINY = [
-    "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2",
-    "--trainer.num_sanity_val_steps", "0", "--trainer.accelerator", "cpu", "--trainer.logger", "false",
-    "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false",
-    "--trainer.enable_model_summary", "false", "--data.init_args.seq_len", "15", "--data.init_args.batch_size", "2",
-    "--data.init_args.max_train_tokens", "2000", "--model.init_args.network.init_args.d_model", "16",
-]
+_TINY = tiny_fit_args(seq_len=15, d_model=16)
 STEP6_CONFIGS = {
     "act.yaml": "ACTResNetBKLM",
     "multiscale.yaml": "MultiScaleLM",

@@ -25,6 +25,7 @@ from resnet_bk.reduced_chain import (
     reduced_green_diagonal_reference,
     run_table,
 )
+from fit_args import tiny_fit_args
 
 V, D = 40, 16
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -264,14 +265,7 @@ def test_achieved_sparsity_tracks_target(target):
 
 
 # ---------------------------------------------------------------------------- lightning + configs
-_TINY = [
-    "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2",
-    "--trainer.num_sanity_val_steps", "0", "--trainer.accelerator", "cpu", "--trainer.logger", "false",
-    "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false",
-    "--trainer.enable_model_summary", "false", "--data.init_args.seq_len", "17", "--data.init_args.batch_size", "2",
-    "--data.init_args.max_train_tokens", "2000", "--model.init_args.network.init_args.d_model", "16",
-    "--model.init_args.network.init_args.dropout", "0.0",
-]
+_TINY = tiny_fit_args(seq_len=17, d_model=16, dropout=0.0)
 SPARSE_CONFIGS = {"sparse_bk.yaml": "SparseResNetBKLM", "multiscale_sparse.yaml": "MultiScaleSparseLM"}
 
 

@@ -25,8 +25,9 @@ Known user errors print one line `error: ...` and exit 2 (a non-finite loss exit
 
 Resuming: `--ckpt_path last` resumes from the newest runs/<experiment>/version_*/checkpoints/last.ckpt
 (the resumed run logs to a new version folder; nothing of the old one is rewritten). Checkpoints are
-written atomically by lightning_modules.checkpoint_io.AtomicCheckpointIO, which the CLI installs. `build(args)` makes the same CLI without running a
-subcommand, for notebooks and tests: `cli = build(["--config", "configs/quickstart.yaml"])`, then
+written atomically by lightning_modules.checkpoint_io.AtomicCheckpointIO, which the CLI installs.
+
+`build(args)` makes the same CLI without running a subcommand, for notebooks and tests: `cli = build(["--config", "configs/quickstart.yaml"])`, then
 `cli.trainer.fit(cli.model, cli.datamodule)`.
 """
 
@@ -42,7 +43,6 @@ from typing import Optional
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lightning_modules import LanguageModel
@@ -165,7 +165,6 @@ class ResNetBKCLI(LightningCLI):
                     default_hp_metric=False,  # LanguageModel registers val/ppl etc. for the HPARAMS tab
                 ),
             )
-
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()

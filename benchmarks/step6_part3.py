@@ -39,7 +39,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -49,7 +48,7 @@ from datamodules.wikitext import IGNORE_INDEX, TokenWindows, WikiTextDataModule
 from lightning_modules.adaptive_length import AdaptiveLengthLanguageModel
 from lightning_modules.conditional_moe import ConditionalMoELanguageModel
 from lightning_modules.early_exit import EarlyExitLanguageModel
-from lightning_modules.language_model import LanguageModel, warmup_cosine
+from lightning_modules.language_model import LanguageModel, warmup_cosine, weight_decay_groups
 from resnet_bk import bk_core
 from resnet_bk.layers.early_exit import calibrate_threshold
 from resnet_bk.models import ResNetBKLM, count_parameters
@@ -143,14 +142,7 @@ def autocast(device, enabled: bool):
 
 
 def make_optimizer(module: LanguageModel, args):
-    embeddings = {id(p) for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    decay = [p for p in module.parameters() if p.ndim >= 2 and id(p) not in embeddings]
-    no_decay = [p for p in module.parameters() if p.ndim < 2 or id(p) in embeddings]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr,
-        betas=(0.9, 0.95),
-    )
+    opt = torch.optim.AdamW(weight_decay_groups(module, 0.1), lr=args.lr, betas=(0.9, 0.95))
     schedule = partial(warmup_cosine, warmup_steps=args.warmup, total_steps=args.steps, min_lr_ratio=0.1)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 

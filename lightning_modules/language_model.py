@@ -83,6 +83,21 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: float, min_lr_ratio
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def weight_decay_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: "decay" (matrices) and "no_decay" (biases and norm weights, ndim < 2,
+    and embeddings, including a head tied to one). Each tied tensor appears once; frozen ones not at
+    all. The names label LearningRateMonitor's curves: lr-AdamW/decay, lr-AdamW/no_decay."""
+    embeddings = {id(p) for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
+    return [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
+
+
 class LanguageModel(L.LightningModule):
     """Next-token training of `network(vocab_size)` with AdamW and warmup + cosine LR.
 
@@ -295,20 +310,7 @@ class LanguageModel(L.LightningModule):
 
     # ------------------------------------------------------------------------------ optimizer
     def configure_optimizers(self) -> dict[str, Any]:
-        # No decay on biases and norm weights (ndim < 2) nor on embeddings (incl. a head tied to one).
-        embeddings = {id(p) for m in self.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-        decay, no_decay = [], []
-        for p in self.parameters():  # each tied tensor once
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
-        optimizer = torch.optim.AdamW(
-            [  # the names label LearningRateMonitor's curves: lr-AdamW/decay, lr-AdamW/no_decay
-                {"name": "decay", "params": decay, "weight_decay": self.weight_decay},
-                {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=self.lr,
-            betas=self.betas,
-        )
+        optimizer = torch.optim.AdamW(weight_decay_groups(self, self.weight_decay), lr=self.lr, betas=self.betas)
         total_steps = self.trainer.estimated_stepping_batches
         if not math.isfinite(total_steps):
             raise ValueError("LanguageModel: the cosine schedule needs a finite trainer.max_steps or max_epochs.")

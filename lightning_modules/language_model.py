@@ -22,12 +22,18 @@ A subclass adds a weight as an init arg, e.g.
 or overrides compute_loss(batch, stage) to add terms and logs without re-implementing the steps.
 
 Reliability (issue 12):
-- Non-finite values are caught at the step they occur: the training loss before backward, every
-  gradient before the optimizer step. `nonfinite="stop"` (default) raises FloatingPointError naming
-  the step and the tensor, before anything is applied or checkpointed; `nonfinite="skip"` drops that
-  optimizer step (no parameter or optimizer-state update; with gradient accumulation, the whole
-  window) and counts it in train/nonfinite_skipped. Under DDP
-  the ranks agree on the decision, so none waits for another in a collective.
+- Non-finite values are caught: the training loss and every gradient before the optimizer step.
+  `nonfinite="stop"` (default) raises FloatingPointError naming the first bad step and tensor, and
+  nothing after that step is ever checkpointed. The check is recorded on the device at every step
+  and read by the host (one synchronisation) every `nonfinite_check_interval` steps and before every
+  checkpoint: 1 on a CPU (the bad step is never applied), `trainer.log_every_n_steps` on a GPU (the
+  run stops at most that many steps later, without a host sync in the other steps).
+  `nonfinite="skip"` drops the bad optimizer step (no parameter or optimizer-state update; with
+  gradient accumulation, the whole window) and counts it in train/nonfinite_skipped; it reads the
+  verdict every step (one sync per step). Under DDP the ranks agree on the decision, so none waits
+  for another in a collective.
+- `compile` compiles the loss computation (network forward, cross-entropy, weighted aux losses) with
+  torch.compile(fullgraph=True) on CUDA, optionally CUDA-graph captured ("reduce-overhead").
 - Exact resume: with `step_rng` (default), the torch/numpy/python RNGs are re-seeded at every
   training batch from (seed, rank, epoch, batch index), so dropout and other draws depend on the
   step, not on what ran before it (validation, loader start-up, a restart); the seed is saved in
@@ -55,6 +61,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.tensorboard.summary import hparams
 from torchmetrics.aggregation import MeanMetric
+
+from lightning_modules.nonfinite import NonFiniteWatch
 
 IGNORE_INDEX = -100
 
@@ -84,14 +92,16 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: float, min_lr_ratio
 
 
 def weight_decay_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW parameter groups: "decay" (matrices) and "no_decay" (biases and norm weights, ndim < 2,
-    and embeddings, including a head tied to one). Each tied tensor appears once; frozen ones not at
-    all. The names label LearningRateMonitor's curves: lr-AdamW/decay, lr-AdamW/no_decay."""
+    """AdamW parameter groups: "decay" (weight matrices, also stacked per expert) and "no_decay"
+    (biases, norm weights and other vectors, and embeddings, including a head tied to one). Each
+    tied tensor appears once; frozen ones not at all. The names label LearningRateMonitor's curves:
+    lr-AdamW/decay, lr-AdamW/no_decay."""
     embeddings = {id(p) for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     decay, no_decay = [], []
-    for p in module.parameters():
+    for name, p in module.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
+            vector = p.ndim < 2 or name.endswith("bias")  # a grouped layer's bias is (groups, out)
+            (no_decay if vector or id(p) in embeddings else decay).append(p)
     return [
         {"name": "decay", "params": decay, "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
@@ -118,6 +128,11 @@ class LanguageModel(L.LightningModule):
             "skip" (drop the step, count it in train/nonfinite_skipped). Evaluation always stops.
         step_rng: re-seed the RNGs at every training batch from (seed, rank, epoch, batch index), so
             that a resumed run draws what an uninterrupted one draws (see the module docstring).
+        nonfinite_check_interval: with nonfinite="stop", read the device-side non-finite record every
+            this many steps (and before every checkpoint). None: 1 on a CPU, log_every_n_steps on a GPU.
+        compile: False (eager), True (torch.compile default mode) or a torch.compile mode
+            ("reduce-overhead": CUDA graphs; "max-autotune", "max-autotune-no-cudagraphs"). Applies on
+            CUDA only; on a CPU the model runs eager.
     """
 
     def __init__(
@@ -132,6 +147,8 @@ class LanguageModel(L.LightningModule):
         aux_loss_weights: dict[str, float] = DEFAULT_AUX_LOSS_WEIGHTS,
         nonfinite: str = "stop",
         step_rng: bool = True,
+        nonfinite_check_interval: int | None = None,
+        compile: bool | str = False,
     ):
         super().__init__()
         if nonfinite not in ("stop", "skip"):
@@ -140,6 +157,11 @@ class LanguageModel(L.LightningModule):
             raise ValueError(f"LanguageModel: min_lr_ratio must be in [0, 1], got {min_lr_ratio}.")
         if warmup_steps < 0:
             raise ValueError(f"LanguageModel: warmup_steps must be >= 0, got {warmup_steps}.")
+        if nonfinite_check_interval is not None and nonfinite_check_interval < 1:
+            raise ValueError(f"LanguageModel: nonfinite_check_interval must be >= 1, got {nonfinite_check_interval}.")
+        modes = (False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+        if compile not in modes:
+            raise ValueError(f"LanguageModel: compile must be one of {modes}, got {compile!r}.")
         # Under the CLI, hparams are the parsed config (network as its class_path/init_args block).
         self.save_hyperparameters()
         self.model = network(vocab_size)
@@ -155,6 +177,10 @@ class LanguageModel(L.LightningModule):
         self.nonfinite_skipped = 0  # training steps dropped for a non-finite loss or gradient
         self._drop_step = False
         self.rng_seed: int | None = None  # base of the per-step seeds; from the run (or checkpoint)
+        self.nonfinite_check_interval = nonfinite_check_interval
+        self.compile_mode = "default" if compile is True else (compile or None)
+        self._watch = NonFiniteWatch()  # first non-finite training loss or gradient, on the device
+        self._loss_terms_fn = self._loss_terms  # compiled in setup() where asked for
 
     def forward(self, input_ids: torch.Tensor):
         return self.model(input_ids)
@@ -162,15 +188,24 @@ class LanguageModel(L.LightningModule):
     # ----------------------------------------------------------------------------------- loss
     def compute_loss(self, batch: dict[str, torch.Tensor], stage: str) -> LossOutput:
         """One forward pass and its loss. Subclasses override this (calling super) to add terms."""
-        out = self(batch["input_ids"])
-        targets = batch["targets"]
+        if self.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are done with
+        loss, nll_sum, n_tokens, names, values = self._loss_terms_fn(batch["input_ids"], batch["targets"])
+        # One copy takes the logged scalars out of the (CUDA-graph) output buffers, which the next step reuses.
+        values = values.clone()
+        logs = dict(zip(names, values.unbind()))
+        return LossOutput(loss, nll_sum, n_tokens, logs)
+
+    def _loss_terms(self, input_ids: torch.Tensor, targets: torch.Tensor):
+        """(loss, nll_sum, n_tokens, log names, log values stacked (K,)): the part that is compiled."""
+        out = self(input_ids)
         nll_sum = F.cross_entropy(
             out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
         n_tokens = (targets != IGNORE_INDEX).sum()
         ce = nll_sum / n_tokens.clamp_min(1)
         loss = ce
-        logs = {"ce": ce.detach()}
+        names, values = ["ce"], [ce.detach()]
         for name, value in out.aux_losses.items():
             if name not in self.aux_loss_weights:
                 raise ValueError(
@@ -178,19 +213,14 @@ class LanguageModel(L.LightningModule):
                     f"add it to model.init_args.aux_loss_weights (now {self.aux_loss_weights})."
                 )
             loss = loss + self.aux_loss_weights[name] * value
-            logs[f"aux/{name}"] = value.detach()
+            names.append(f"aux/{name}")
+            values.append(value.detach().float())
         for name, value in out.stats.items():
-            # on the module's device: a Python float or CPU tensor logged with sync_dist breaks NCCL
-            logs[f"stats/{name}"] = torch.as_tensor(value, device=self.device).detach()
-        return LossOutput(loss, nll_sum.detach(), n_tokens, logs)
-
-    def _checked_loss(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str) -> LossOutput:
-        """compute_loss, raising FloatingPointError if the loss is not finite (on any rank)."""
-        result = self.compute_loss(batch, stage)
-        # NaN guard: stop before the step is logged, applied or checkpointed.
-        if not self._all_ranks(bool(torch.isfinite(result.loss))):
-            raise FloatingPointError(self._nonfinite_message(f"{stage} loss", result, batch_idx))
-        return result
+            names.append(f"stats/{name}")
+            if not isinstance(value, torch.Tensor):  # a fill, not a (blocking) copy from the host
+                value = torch.full((), float(value), device=ce.device)
+            values.append(value.detach().float().to(ce.device))
+        return loss, nll_sum.detach(), n_tokens, tuple(names), torch.stack([v.float() for v in values])
 
     def _all_ranks(self, ok: bool) -> bool:
         """True only if `ok` holds on every rank (one tiny all-reduce under DDP, so ranks act alike)."""
@@ -220,20 +250,48 @@ class LanguageModel(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         result = self.compute_loss(batch, "train")
-        if not self._all_ranks(bool(torch.isfinite(result.loss))):
-            message = self._nonfinite_message("train loss", result, batch_idx)
-            if self.nonfinite == "stop":
-                raise FloatingPointError(message)
+        if self.nonfinite == "skip" and not self._all_ranks(bool(torch.isfinite(result.loss))):
             self._skipped()
             self._drop_step = True  # on_before_optimizer_step drops the gradients: AdamW then changes nothing
             # A zero loss on every parameter (Lightning refuses None under DDP, whose backward must run on all ranks).
             return sum((p.flatten()[:1] * 0.0).sum() for p in self.parameters() if p.requires_grad)
+        if self.nonfinite == "stop":
+            self._watch.note(~torch.isfinite(result.loss), self.global_step, batch_idx, result.loss,
+                             result.logs["ce"], -1)
+            self._check_nonfinite(self._check_due())
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", result.loss.detach(), prog_bar=True, batch_size=bs)
         self.log_dict({f"train/{k}": v for k, v in result.logs.items()}, batch_size=bs)
         if self.nonfinite == "skip":
             self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), batch_size=bs)
         return result.loss
+
+    def _check_due(self) -> bool:
+        interval = self.nonfinite_check_interval
+        if interval is None:
+            on_cpu = self.device.type == "cpu"
+            interval = 1 if on_cpu or self._trainer is None else max(1, self.trainer.log_every_n_steps)
+        return (self.global_step + 1) % interval == 0
+
+    def _check_nonfinite(self, due: bool = True) -> None:
+        """Raise FloatingPointError if the watch holds a non-finite event (on any rank); one sync."""
+        if not due:
+            return
+        event = self._watch.first()
+        if self._all_ranks(event is None):
+            return
+        if event is None:
+            raise FloatingPointError(f"non-finite train loss or gradient on another rank by global step {self.global_step}.")
+        if event["what"] < 0:
+            what = f"train loss ({event['loss']}, ce = {event['ce']})"
+        else:
+            names = [n for n, p in self.named_parameters() if p.requires_grad]
+            what = f"gradient of {names[event['what']]}"
+        late = "" if event["step"] == self.global_step else f" (detected at step {self.global_step}; not checkpointed)"
+        raise FloatingPointError(
+            f"non-finite {what} at global step {event['step']}, batch {event['batch']}{late}; nothing after it "
+            "was checkpointed. Try a lower lr, trainer.gradient_clip_val, or model.init_args.nonfinite: skip."
+        )
 
     def _skipped(self) -> None:
         self.nonfinite_skipped += 1
@@ -246,22 +304,35 @@ class LanguageModel(L.LightningModule):
             for p in self.parameters():
                 p.grad = None
             return
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not grads:
+        params = [p for p in self.parameters() if p.requires_grad]
+        with_grad = [i for i, p in enumerate(params) if p.grad is not None]
+        if not with_grad:
             return
         # Under DDP the gradients are already averaged, so every rank reaches the same verdict.
-        if bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())):
-            return
+        norms = torch.stack(torch._foreach_norm([params[i].grad for i in with_grad]))
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if scaler is not None:
             return  # fp16 AMP: GradScaler skips overflowed steps itself (and lowers the scale)
-        bad = [n for n, p in self.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-        what = f"gradient of {bad[0]}" + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else "")
         if self.nonfinite == "stop":
-            raise FloatingPointError(self._nonfinite_message(what, None, self.trainer.fit_loop.epoch_loop.batch_idx))
+            finite = torch.isfinite(norms)
+            first_bad = self._param_index(with_grad, norms.device)[torch.argmin(finite.int())]
+            zero = torch.zeros((), device=norms.device)
+            self._watch.note(~finite.all(), self.global_step, self.trainer.fit_loop.epoch_loop.batch_idx, zero, zero,
+                             first_bad)
+            self._check_nonfinite(self._check_due())
+            return
+        if bool(torch.isfinite(norms.sum())):
+            return
         for p in self.parameters():
             p.grad = None  # the optimizer skips parameters without a gradient: a true no-op step
         self._skipped()
+
+    def _param_index(self, indices: list[int], device: torch.device) -> torch.Tensor:
+        """indices as a device tensor, made once (a host-to-device copy is a synchronisation)."""
+        key = (tuple(indices), str(device))
+        if getattr(self, "_param_index_cache", (None, None))[0] != key:
+            self._param_index_cache = (key, torch.tensor(indices, device=device))
+        return self._param_index_cache[1]
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "val", self.val_nll)
@@ -270,7 +341,7 @@ class LanguageModel(L.LightningModule):
         self._eval_step(batch, batch_idx, "test", self.test_nll)
 
     def _eval_step(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str, nll: MeanMetric) -> None:
-        result = self._checked_loss(batch, batch_idx, stage)
+        result = self.compute_loss(batch, stage)
         nll.update(result.nll_sum / result.n_tokens.clamp_min(1), weight=result.n_tokens)
         # aux losses and stats of held-out data: batch means (they are diagnostics, not the metric).
         logs = {f"{stage}/{k}": v for k, v in result.logs.items() if k != "ce"}
@@ -285,11 +356,19 @@ class LanguageModel(L.LightningModule):
     def _log_perplexity(self, stage: str, nll: MeanMetric) -> None:
         mean_nll = nll.compute()  # synced across processes: sum(nll) / sum(tokens)
         nll.reset()
+        if not bool(torch.isfinite(mean_nll)):  # one read per evaluation, not one per batch
+            raise FloatingPointError(
+                f"non-finite {stage} loss over the {stage} split at global step {self.global_step}; the weights "
+                "or the data hold NaN/Inf. Evaluate an earlier checkpoint, or lower the lr."
+            )
         self.log(f"{stage}/loss", mean_nll, prog_bar=stage == "val")
         self.log(f"{stage}/ppl", mean_nll.exp(), prog_bar=stage == "val")
 
     # ----------------------------------------------------------------------- setup, checkpoint
     def setup(self, stage: str) -> None:
+        on_cuda = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        if self.compile_mode is not None and on_cuda and self._loss_terms_fn == self._loss_terms:
+            self._loss_terms_fn = torch.compile(self._loss_terms, fullgraph=True, dynamic=False, mode=self.compile_mode)
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         seq_len = getattr(datamodule, "seq_len", None)
         max_len = getattr(self.model, "max_seq_len", None)
@@ -300,6 +379,7 @@ class LanguageModel(L.LightningModule):
             )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_nonfinite()  # never write weights that a recorded non-finite step has touched
         checkpoint["resnet_bk"] = {"rng_seed": self.rng_seed, "nonfinite_skipped": self.nonfinite_skipped}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -157,7 +157,9 @@ def test_no_weight_decay_on_biases_norms_and_tied_embeddings():
     net = model.model
     assert ids([net.tok_emb.weight, net.pos_emb.weight, net.ln_f.weight, net.ln_f.bias]) <= ids(no_decay["params"])
     assert net.lm_head.weight is net.tok_emb.weight  # tied: one tensor, in one group only
-    assert all(p.ndim == 2 for p in decay["params"])
+    assert all(p.ndim >= 2 for p in decay["params"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert not any(names[id(p)].endswith("bias") for p in decay["params"])  # grouped experts' (E, out) too
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resnet_bk.layers import BKLayer, MoEFeedForward
+from resnet_bk.layers import BKLayer
 from resnet_bk.models import LMOutput, ResNetBKLM, TransformerLM, count_parameters
 
 V, D, MAX_LEN = 50, 16, 64
@@ -90,73 +90,6 @@ def test_load_balance_gradient_reaches_router():
     out.aux_losses["load_balance"].backward()
     for block in model.blocks:
         assert block.bk.moe.router.weight.grad.abs().sum() > 0
-
-
-def _expert_rows(moe: MoEFeedForward) -> list:
-    """Record, through forward hooks, how many rows each expert really ran on."""
-    seen = [0] * moe.num_experts
-    for e, expert in enumerate(moe.experts):
-        expert.register_forward_hook(lambda mod, inp, out, e=e: seen.__setitem__(e, seen[e] + inp[0].shape[0]))
-    return seen
-
-
-@pytest.mark.parametrize("top_k", [1, 2])
-def test_moe_dispatch_matches_router_and_dense_reference(top_k):
-    torch.manual_seed(0)
-    moe = MoEFeedForward(D, 2 * D, num_experts=4, top_k=top_k).double()
-    seen = _expert_rows(moe)
-    x = torch.randn(3, 11, D, dtype=torch.float64)
-    out, aux, stats = moe(x)
-
-    probs = F.softmax(moe.router(x.reshape(-1, D)), dim=-1)
-    gate, idx = probs.topk(top_k, dim=-1)
-    expected = torch.bincount(idx.reshape(-1), minlength=4).tolist()
-    assert moe.last_rows_per_expert == expected == seen
-    assert sum(seen) == 3 * 11 * top_k  # each token ran top_k experts, not all of them
-
-    # Dense reference, for the test only: every token through its chosen experts one by one.
-    gate = gate / gate.sum(-1, keepdim=True) if top_k > 1 else gate
-    tokens = x.reshape(-1, D)
-    ref = torch.stack(
-        [sum(gate[i, j] * moe.experts[int(idx[i, j])](tokens[i]) for j in range(top_k)) for i in range(len(tokens))]
-    )
-    torch.testing.assert_close(out.reshape(-1, D), ref)
-    assert aux["load_balance"] >= 1.0 - 1e-9  # the Switch loss is minimised (= 1) at a uniform router
-    assert abs(sum(float(stats[f"expert_load/{e}"]) for e in range(4)) - 1.0) < 1e-9
-
-
-def test_moe_skips_unrouted_experts():
-    moe = MoEFeedForward(D, 2 * D, num_experts=4, top_k=1)
-    with torch.no_grad():
-        moe.router.weight.zero_()
-        moe.router.weight[2, 0] = 1.0  # every token with a positive first feature goes to expert 2
-    seen = _expert_rows(moe)
-    x = torch.randn(2, 5, D)
-    x[..., 0] = 10.0
-    moe(x)
-    assert seen == moe.last_rows_per_expert == [0, 0, 10, 0]
-
-
-def test_moe_token_output_is_independent_of_other_tokens():
-    """Routing is per token with no capacity limit: one token's output ignores the rest."""
-    torch.manual_seed(0)
-    moe = MoEFeedForward(D, 2 * D, num_experts=4, top_k=2).double()
-    x = torch.randn(2, 9, D, dtype=torch.float64)
-    full = moe(x)[0]
-    alone = torch.cat([moe(x[:, i : i + 1])[0] for i in range(9)], dim=1)
-    torch.testing.assert_close(full, alone, atol=1e-12, rtol=0)
-    # A BKLayer's feed-forward on a gathered subset of positions gives the same rows.
-    layer = BKLayer(D, 2 * D).double()
-    keep = torch.tensor([0, 3, 4, 8])
-    torch.testing.assert_close(layer.feed_forward(x[:, keep])[0], layer.feed_forward(x)[0][:, keep])
-
-
-def test_single_expert_is_plain_mlp():
-    moe = MoEFeedForward(D, 2 * D, num_experts=1)
-    out, aux, stats = moe(torch.randn(2, 7, D))
-    assert moe.router is None and aux == {} and moe.last_rows_per_expert == [14]
-    model = ResNetBKLM(V, d_model=D, n_layers=2, num_experts=1)
-    assert model(torch.randint(0, V, (2, 5))).aux_losses == {}
 
 
 def test_bf16_autocast_runs():

@@ -107,3 +107,31 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
     with pytest.raises(FloatingPointError, match="refusing to write .* is not finite"):
         trainer.fit(module, train_dataloaders=DataLoader(batches(4), batch_size=None))
     assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 1
+
+
+def test_deferred_check_names_the_first_bad_step_and_checkpoints_nothing_after_it(tmp_path):
+    """With the record read only every 3 steps (the GPU default reads it at logging steps), the bad
+    step is still the one named, and no checkpoint is written after it."""
+    torch.manual_seed(0)
+    module = Poisoned(network=NET, vocab_size=V, warmup_steps=0, nan_loss_at=[3], nonfinite_check_interval=3)
+    with pytest.raises(FloatingPointError, match=r"train loss \(nan.* at global step 3, batch 3") as info:
+        fit(module, tmp_path)
+    assert "nothing after it was checkpointed" in str(info.value)
+    last = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 3  # written after steps 0-2, the last good ones
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+
+
+def test_stop_mode_reads_no_value_between_checks(monkeypatch, tmp_path):
+    """Between checks a training step reads nothing back from the device: the watch's first() (the
+    only read) runs once per interval and before each checkpoint."""
+    from lightning_modules.nonfinite import NonFiniteWatch
+
+    reads = []
+    original = NonFiniteWatch.first
+    monkeypatch.setattr(NonFiniteWatch, "first", lambda self: reads.append(1) or original(self))
+    module = LanguageModel(network=NET, vocab_size=V, warmup_steps=0, nonfinite_check_interval=4)
+    trainer = L.Trainer(accelerator="cpu", max_steps=8, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, enable_checkpointing=False)  # fmt: skip
+    trainer.fit(module, train_dataloaders=DataLoader(batches(8), batch_size=None))
+    assert len(reads) == 4  # steps 3 and 7: once after the loss, once after the gradients

@@ -223,8 +223,7 @@ def test_skipped_rows_never_enter_the_gathered_matmuls():
         return lambda _m, inp, _out: rows.__setitem__(key, rows[key] + inp[0].reshape(-1, inp[0].shape[-1]).shape[0])
 
     for layer in sparse_layers(model):
-        for expert in layer.moe.experts:
-            expert.c_fc.register_forward_hook(counter("ffn"))
+        layer.moe.experts.register_forward_hook(counter("ffn"))
         layer.v_proj.register_forward_hook(counter("v_proj"))
         layer.g_proj.register_forward_hook(counter("g_proj"))
     x = torch.randint(0, V, (4, 25))

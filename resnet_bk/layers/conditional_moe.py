@@ -17,8 +17,10 @@ takes one expert would otherwise get the gate 1 and the router no gradient from 
 Causality (DESIGN section 3): k_t and the chosen experts depend on x_t alone; there is no expert
 capacity (a capacity limit drops tokens depending on what other positions chose).
 
-Compute: each expert runs on exactly the rows routed to it (index_select -> expert -> index_add),
-so a token that takes one expert costs one expert MLP; nothing is computed densely and masked.
+Compute: each token's max_experts most probable experts are its candidate pairs (a static shape);
+the chosen ones are sorted by expert and run in one grouped matrix product
+(resnet_bk.layers.moe.dispatch), the others are sorted past the last group and never reach a
+matmul. So a token that takes one expert costs one expert MLP, and nothing is read back to the host.
 
 Aux losses (unweighted; the training module weights them):
   "load_balance": Switch loss with f_e = fraction of all (token, expert) rows sent to e;
@@ -35,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from resnet_bk.layers.moe import Expert
+from resnet_bk.layers.moe import GroupedExperts, dispatch
 
 
 def top_p_expert_mask(probs: torch.Tensor, top_p: float, min_experts: int, max_experts: int) -> torch.Tensor:
@@ -44,7 +46,7 @@ def top_p_expert_mask(probs: torch.Tensor, top_p: float, min_experts: int, max_e
     A token keeps its most probable experts until their probabilities reach top_p (the expert that
     crosses top_p is kept), at least min_experts and at most max_experts of them. Row-wise only.
     """
-    sorted_p, order = probs.sort(dim=-1, descending=True)
+    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
     mass_before = sorted_p.cumsum(-1) - sorted_p  # probability of the experts ranked above
     rank = torch.arange(probs.shape[-1], device=probs.device)
     keep_sorted = (mass_before < top_p) | (rank < min_experts)
@@ -59,8 +61,8 @@ class ConditionalMoEFeedForward(nn.Module):
       aux_losses: {"load_balance", "compute"} scalars, unweighted (see the module docstring);
       stats: detached scalars "experts_per_token" (mean k_t), "expert_load/<e>" (fraction of the
         routed rows that expert e ran) and "expert_load_max" (1/num_experts when balanced).
-    After each forward, `last_rows_per_expert` lists how many rows each expert ran on; they sum to
-    sum_t k_t, the work actually done.
+    After each forward, `last_rows_per_expert` is an (E,) device tensor of how many rows each expert
+    ran on; they sum to sum_t k_t, the work actually done.
     """
 
     def __init__(
@@ -87,9 +89,9 @@ class ConditionalMoEFeedForward(nn.Module):
         self.num_experts, self.top_p = num_experts, top_p
         self.min_experts, self.max_experts = min_experts, max_experts
         self.router = nn.Linear(d_model, num_experts, bias=False)
-        self.experts = nn.ModuleList(Expert(d_model, d_ff) for _ in range(num_experts))
+        self.experts = GroupedExperts(num_experts, d_model, d_ff)
         self.dropout = nn.Dropout(dropout)
-        self.last_rows_per_expert: list[int] = []
+        self.last_rows_per_expert: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor):
         shape = x.shape
@@ -97,21 +99,18 @@ class ConditionalMoEFeedForward(nn.Module):
         probs = F.softmax(self.router(x).float(), dim=-1)  # (T, E); float: the cumsum decides k
         chosen = top_p_expert_mask(probs.detach(), self.top_p, self.min_experts, self.max_experts)
 
-        # (expert, token) pairs grouped by expert: nonzero of the transposed mask is expert-major.
-        pair_expert, pair_token = chosen.t().nonzero(as_tuple=True)
-        counts_t = torch.bincount(pair_expert, minlength=self.num_experts)
-        counts = counts_t.tolist()  # split sizes live on the host: one sync per layer
-        self.last_rows_per_expert = counts
-        gates = probs[pair_token, pair_expert].unsqueeze(-1)  # raw router probability of each pair
+        # Candidate pairs: each token's max_experts most probable experts, valid where chosen.
+        # The same stable sort as top_p_expert_mask, so every chosen expert is among them.
+        top_expert = probs.detach().sort(dim=-1, descending=True, stable=True)[1][:, : self.max_experts]  # (T, m)
+        top_prob = probs.gather(-1, top_expert)
+        valid = chosen.gather(-1, top_expert)
+        token = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.max_experts)
+        # Gates: the raw router probability of each pair.
+        out, counts_t = dispatch(x, self.experts, token, top_expert.reshape(-1), top_prob.reshape(-1),
+                                 valid.reshape(-1))
+        self.last_rows_per_expert = counts_t
 
-        out = torch.zeros_like(x)
-        for e, (tokens, gate) in enumerate(zip(pair_token.split(counts), gates.split(counts))):
-            if tokens.numel() == 0:
-                continue
-            y = self.experts[e](x.index_select(0, tokens)) * gate.to(x.dtype)
-            out = out.index_add(0, tokens, y.to(out.dtype))  # .to: autocast may run experts in bf16
-
-        n_rows = max(pair_token.numel(), 1)
+        n_rows = chosen.sum().clamp_min(1)
         f = counts_t.to(probs.dtype) / n_rows
         load_balance = self.num_experts * (f * probs.mean(0)).sum()
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()

@@ -1,21 +1,31 @@
-"""Mixture-of-experts feed-forward with top-k token routing, dispatched by gather.
+"""Mixture-of-experts feed-forward with top-k token routing, dispatched by one grouped GEMM.
 
 References:
 1) Switch Transformers (Fedus, Zoph, Shazeer 2021): top-1 routing and the load-balancing loss
    num_experts * sum_e f_e * P_e.
 2) GShard (Lepikhin et al. 2020): top-k routing with gates renormalised over the chosen experts.
+3) MegaBlocks (Gale et al. 2022): dropless MoE as a grouped (block-sparse) matrix product.
 
 Each token is routed on its own hidden state only and there is no expert capacity: a capacity
 limit drops tokens depending on what the other positions chose, so the output at position t would
-depend on the future (DESIGN section 3). Each expert runs on exactly the rows routed to it
-(index_select -> expert -> index_add); nothing is computed densely and masked.
+depend on the future. The (token, expert) pairs are sorted by expert and every expert runs on
+exactly its rows in one grouped matrix product (``torch._grouped_mm``): nothing is computed densely
+and masked, every shape is static (T * top_k rows), and nothing is read back to the host, so the
+layer compiles into one graph and CUDA graphs can capture it.
+
+``experts_reference`` is the specification of the grouped path: a loop over experts on host-side
+row counts (one host sync per call). Tests compare the two; it is also the path taken where the
+grouped product is unavailable (no ``torch._grouped_mm``, float64, or float32 under ``torch.compile``).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 
 class Expert(nn.Module):
@@ -30,6 +40,132 @@ class Expert(nn.Module):
         return self.c_proj(F.gelu(self.c_fc(x)))
 
 
+class GroupedLinear(nn.Module):
+    """E independent linear maps in_features -> out_features, stored stacked.
+
+    weight (E, out_features, in_features) and bias (E, out_features): expert e's map is
+    x @ weight[e].T + bias[e], the layout of nn.Linear, so init and weight decay treat it alike.
+    """
+
+    def __init__(self, num_groups: int, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_groups, out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(num_groups, out_features))
+        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default init
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+
+class GroupedExperts(nn.Module):
+    """num_experts GELU MLPs d_model -> d_ff -> d_model (parameters c_fc, c_proj: GroupedLinear).
+
+    forward(x, group_end, expert, valid=None) runs expert e on the rows of its group:
+      x: (R, d_model) rows sorted by expert; group_end: (E,) int32, cumulative row counts (rows
+      group_end[e-1]..group_end[e]-1 belong to expert e); expert: (R,) long, each row's expert;
+      valid: optional (R,) bool, False exactly for the rows from group_end[-1] on, which belong to
+      no expert: their output is 0 and no gradient flows through them.
+    Returns (R, d_model).
+    """
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.c_fc = GroupedLinear(num_experts, d_model, d_ff)
+        self.c_proj = GroupedLinear(num_experts, d_ff, d_model)
+
+    def forward(self, x: torch.Tensor, group_end=None, expert=None, valid=None) -> torch.Tensor:
+        if self.num_experts == 1:  # a plain MLP: no grouping needed
+            h = F.gelu(F.linear(x, self.c_fc.weight[0], self.c_fc.bias[0]))
+            return F.linear(h, self.c_proj.weight[0], self.c_proj.bias[0])
+        if not _grouped_mm_available(x):
+            return experts_reference(self, x, group_end, expert)
+        dtype = _compute_dtype(x)
+        # The grouped product leaves rows outside every group undefined, in forward and in the
+        # gradient of its left operand: torch.where (not a product, which keeps NaN) cuts them out.
+        x = x.to(dtype) if valid is None else torch.where(valid[:, None], x.to(dtype), 0.0)
+        h = _grouped_linear(x, self.c_fc, group_end, expert, valid, dtype)
+        y = _grouped_linear(F.gelu(h), self.c_proj, group_end, expert, valid, dtype)
+        return y if valid is None else torch.where(valid[:, None], y, 0.0)
+
+
+def _grouped_linear(x, lin: GroupedLinear, group_end, expert, valid, dtype) -> torch.Tensor:
+    # weight[e].T as a column-major (in, out) view: the layout the grouped kernels read directly.
+    y = torch._grouped_mm(x, lin.weight.to(dtype).transpose(-2, -1), offs=group_end)
+    bias = lin.bias.to(dtype)[expert]
+    return y + (bias if valid is None else torch.where(valid[:, None], bias, 0.0))
+
+
+def experts_reference(experts: GroupedExperts, x, group_end, expert=None) -> torch.Tensor:
+    """Loop over experts on host-side row counts (the specification of GroupedExperts.forward);
+    rows outside every group get 0."""
+    ends = [0] + group_end.tolist()  # one host sync
+    out = x.new_zeros(x.shape[0], experts.c_proj.weight.shape[1])
+    for e in range(experts.num_experts):
+        lo, hi = ends[e], ends[e + 1]
+        if hi > lo:
+            h = F.gelu(F.linear(x[lo:hi], experts.c_fc.weight[e], experts.c_fc.bias[e]))
+            out[lo:hi] = F.linear(h, experts.c_proj.weight[e], experts.c_proj.bias[e]).to(out.dtype)
+    return out
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run a matmul in (torch._grouped_mm is not on autocast's lists)."""
+    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _grouped_mm_available(x: torch.Tensor) -> bool:
+    dtype = _compute_dtype(x)
+    if not hasattr(torch, "_grouped_mm") or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    # Compiled, the grouped product exists for bfloat16 only; eager, torch falls back for the others.
+    return dtype == torch.bfloat16 or not torch.compiler.is_compiling()
+
+
+def dispatch(
+    x: torch.Tensor, experts: GroupedExperts, pair_token: torch.Tensor, pair_expert: torch.Tensor,
+    pair_gate: torch.Tensor, pair_valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run each (token, expert) pair's expert on the token and sum the gated outputs per token.
+
+    Args:
+        x: (T, D) tokens. pair_token, pair_expert: (P,) long. pair_gate: (P,) weight of each pair.
+        pair_valid: optional (P,) bool; invalid pairs are sorted past the last group, never reach an
+            expert's matmul and contribute nothing (static shapes for a data-dependent pair count).
+    Returns:
+        out (T, D) in x's dtype, and rows_per_expert (E,) int64 (valid pairs each expert ran).
+    """
+    num_experts = experts.num_experts
+    key = pair_expert if pair_valid is None else torch.where(pair_valid, pair_expert, num_experts)
+    order = key.argsort(stable=True)
+    rows = torch.zeros(num_experts + 1, dtype=torch.long, device=x.device)
+    rows = rows.scatter_add(0, key, torch.ones_like(key))[:num_experts]  # scatter_add: no host sync
+    group_end = rows.cumsum(0).to(torch.int32)
+    token, expert = pair_token[order], pair_expert[order]
+    valid = None if pair_valid is None else pair_valid[order]
+    y = experts(x[token], group_end, expert, valid) * pair_gate[order, None].to(x.dtype)
+    out = x.new_zeros(x.shape).index_add(0, token, y.to(x.dtype))  # sum each token's pairs
+    return out, rows
+
+
+@register_flop_formula(torch.ops.aten._grouped_mm, get_raw=True)
+def _grouped_mm_flops(mat_a, mat_b, offs=None, *args, out_val=None, **kwargs) -> int:
+    """FLOPs of torch._grouped_mm as executed: 2 * (rows inside the groups) * K * N.
+
+    FlopCounterMode has no formula for it; without this, routed experts would count 0 FLOPs. Reads
+    offs back to the host: counting runs outside the training step.
+    """
+    if offs is None:  # (E, M, K) @ (E, K, N)
+        return 2 * mat_a.shape[0] * mat_a.shape[1] * mat_a.shape[2] * mat_b.shape[-1]
+    rows = int(offs[-1]) if offs.numel() else 0
+    if mat_a.dim() == 2 and mat_b.dim() == 3:  # (M, K) @ (E, K, N), groups along M
+        return 2 * rows * mat_a.shape[1] * mat_b.shape[2]
+    if mat_a.dim() == 2 and mat_b.dim() == 2:  # (K, M) @ (M, N) -> (E, K, N), groups along M
+        return 2 * mat_a.shape[0] * rows * mat_b.shape[1]
+    return 2 * mat_a.shape[1] * mat_a.shape[2] * rows  # (E, M, K) @ (K, N), groups along N
+
+
 class MoEFeedForward(nn.Module):
     """Top-k routed mixture of `num_experts` MLPs; with num_experts=1 a plain MLP (no router).
 
@@ -37,8 +173,8 @@ class MoEFeedForward(nn.Module):
       aux_losses: {"load_balance": scalar} (empty when num_experts=1), unweighted;
       stats: detached scalars, "expert_load/<e>" (fraction of routed rows per expert) and
         "expert_load_max" (1/num_experts when perfectly balanced).
-    After each forward, `last_rows_per_expert` is the list of how many rows each expert ran on;
-    the rows sum to T * top_k for T tokens.
+    After each forward, `last_rows_per_expert` is an (E,) device tensor of how many rows each expert
+    ran on; the rows sum to T * top_k for T tokens.
     """
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int = 4, top_k: int = 1, dropout: float = 0.0):
@@ -49,16 +185,16 @@ class MoEFeedForward(nn.Module):
             raise ValueError(f"MoEFeedForward: top_k must be in 1..num_experts={num_experts}, got {top_k}.")
         self.num_experts, self.top_k = num_experts, top_k
         self.router = nn.Linear(d_model, num_experts, bias=False) if num_experts > 1 else None
-        self.experts = nn.ModuleList(Expert(d_model, d_ff) for _ in range(num_experts))
+        self.experts = GroupedExperts(num_experts, d_model, d_ff)
         self.dropout = nn.Dropout(dropout)
-        self.last_rows_per_expert: list[int] = []
+        self.last_rows_per_expert: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (T, D)
         if self.router is None:
-            self.last_rows_per_expert = [x.shape[0]]
-            return self.dropout(self.experts[0](x)).reshape(shape), {}, {}
+            self.last_rows_per_expert = torch.full((1,), x.shape[0], device=x.device)
+            return self.dropout(self.experts(x, None, None)).reshape(shape), {}, {}
 
         probs = F.softmax(self.router(x), dim=-1)  # (T, E)
         gate, expert = probs.topk(self.top_k, dim=-1)  # (T, k) each
@@ -66,27 +202,13 @@ class MoEFeedForward(nn.Module):
             # GShard: weights sum to one over the chosen experts. For k=1 keep the raw probability,
             # otherwise the gate would be 1 and the router would get no gradient from the LM loss.
             gate = gate / gate.sum(-1, keepdim=True)
-
-        # Flatten the (token, choice) pairs and group them by expert.
-        flat_expert = expert.reshape(-1)  # (T*k,)
-        flat_token = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.top_k)
-        flat_gate = gate.reshape(-1, 1)
-        order = flat_expert.argsort(stable=True)
-        counts_t = torch.bincount(flat_expert, minlength=self.num_experts)
-        counts = counts_t.tolist()  # split sizes must live on the host: one sync per layer
-        self.last_rows_per_expert = counts
-
-        out = torch.zeros_like(x)
-        for e, rows in enumerate(order.split(counts)):
-            if rows.numel() == 0:
-                continue
-            tokens = flat_token[rows]
-            y = self.experts[e](x.index_select(0, tokens)) * flat_gate[rows]
-            out = out.index_add(0, tokens, y.to(out.dtype))  # .to: autocast may run experts in bf16
+        token = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.top_k)
+        out, rows = dispatch(x, self.experts, token, expert.reshape(-1), gate.reshape(-1))
+        self.last_rows_per_expert = rows
 
         # Switch load-balancing loss: f_e = fraction of routed rows, P_e = mean router probability.
         # Only P_e carries a gradient; the loss is 1 at perfect balance and num_experts at collapse.
-        f = counts_t.to(probs.dtype) / max(flat_expert.numel(), 1)
+        f = rows.to(probs.dtype) / max(expert.numel(), 1)
         load_balance = self.num_experts * (f * probs.mean(0)).sum()
         stats = {f"expert_load/{e}": f[e] for e in range(self.num_experts)}
         stats["expert_load_max"] = f.max()

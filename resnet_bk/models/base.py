@@ -20,10 +20,12 @@ import math
 import torch
 import torch.nn as nn
 
+from resnet_bk.layers.moe import GroupedLinear
+
 
 def init_weights(module: nn.Module) -> None:
     """nanoGPT init: N(0, 0.02) weights, zero biases (LayerNorm keeps ones and zeros)."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (nn.Linear, GroupedLinear)):
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)

@@ -56,6 +56,6 @@ class ConditionalMoELM(ResNetBKLM):
         for block in self.blocks:
             moe = ConditionalMoEFeedForward(d_model, d_ff, num_experts, top_p, min_experts, max_experts, dropout)
             moe.apply(init_weights)
-            for p in (e.c_proj.weight for e in moe.experts):  # as in ResNetBKLM: 1/sqrt(2 n_layers)
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layers))
+            # as in ResNetBKLM: 1/sqrt(2 n_layers)
+            nn.init.normal_(moe.experts.c_proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * n_layers))
             block.bk.moe = moe

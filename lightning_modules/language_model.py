@@ -366,9 +366,8 @@ class LanguageModel(L.LightningModule):
 
     # ----------------------------------------------------------------------- setup, checkpoint
     def setup(self, stage: str) -> None:
-        on_cuda = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        if self.compile_mode is not None and on_cuda and self._loss_terms_fn == self._loss_terms:
-            self._loss_terms_fn = torch.compile(self._loss_terms, fullgraph=True, dynamic=False, mode=self.compile_mode)
+        if self._trainer is not None and self.trainer.strategy.root_device.type == "cuda":
+            self.compile_loss()
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         seq_len = getattr(datamodule, "seq_len", None)
         max_len = getattr(self.model, "max_seq_len", None)
@@ -377,6 +376,11 @@ class LanguageModel(L.LightningModule):
                 f"data seq_len {seq_len} exceeds the network's max_seq_len {max_len}: lower "
                 f"--data.init_args.seq_len or raise --model.init_args.network.init_args.max_seq_len to >= {seq_len}"
             )
+
+    def compile_loss(self) -> None:
+        """Compile the loss computation as the `compile` option asks (once; a no-op without it)."""
+        if self.compile_mode is not None and self._loss_terms_fn == self._loss_terms:
+            self._loss_terms_fn = torch.compile(self._loss_terms, fullgraph=True, dynamic=False, mode=self.compile_mode)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._check_nonfinite()  # never write weights that a recorded non-finite step has touched
@@ -390,7 +394,9 @@ class LanguageModel(L.LightningModule):
 
     # ------------------------------------------------------------------------------ optimizer
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(weight_decay_groups(self, self.weight_decay), lr=self.lr, betas=self.betas)
+        optimizer = torch.optim.AdamW(
+            weight_decay_groups(self, self.weight_decay), lr=self.lr, betas=self.betas, fused=self.device.type == "cuda"
+        )
         total_steps = self.trainer.estimated_stepping_batches
         if not math.isfinite(total_steps):
             raise ValueError("LanguageModel: the cosine schedule needs a finite trainer.max_steps or max_epochs.")

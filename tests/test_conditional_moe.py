@@ -64,7 +64,8 @@ def test_output_equals_dense_reference_and_only_chosen_rows_run():
     # The saving is real: the experts' matmuls ran on sum_t k_t rows, not on T * num_experts.
     assert moe.last_rows_per_expert.tolist() == mask.sum(0).tolist()
     assert int(k.sum()) < 21 * 4
-    assert expert_flops == int(k.sum()) * 2 * (2 * D * 32)
+    bias_rows = 21 * 4 * 2 * 4 * (32 + D)  # one_hot(expert) @ bias over every candidate row (max_experts = 4)
+    assert expert_flops == int(k.sum()) * 2 * (2 * D * 32) + bias_rows
     assert stats["experts_per_token"].item() == pytest.approx(k.double().mean().item())
     assert sum(stats[f"expert_load/{e}"] for e in range(4)).item() == pytest.approx(1.0)
 

@@ -81,18 +81,21 @@ class GroupedExperts(nn.Module):
             return experts_reference(self, x, group_end, expert)
         dtype = _compute_dtype(x)
         # The grouped product leaves rows outside every group undefined, in forward and in the
-        # gradient of its left operand: torch.where (not a product, which keeps NaN) cuts them out.
+        # gradient of its left operand; torch.where (not a product, which keeps NaN) cuts them out
+        # of both, at each product's input and output.
         x = x.to(dtype) if valid is None else torch.where(valid[:, None], x.to(dtype), 0.0)
         h = _grouped_linear(x, self.c_fc, group_end, expert, valid, dtype)
-        y = _grouped_linear(F.gelu(h), self.c_proj, group_end, expert, valid, dtype)
-        return y if valid is None else torch.where(valid[:, None], y, 0.0)
+        return _grouped_linear(F.gelu(h), self.c_proj, group_end, expert, valid, dtype)
 
 
 def _grouped_linear(x, lin: GroupedLinear, group_end, expert, valid, dtype) -> torch.Tensor:
     # weight[e].T as a column-major (in, out) view: the layout the grouped kernels read directly.
     y = torch._grouped_mm(x, lin.weight.to(dtype).transpose(-2, -1), offs=group_end)
-    bias = lin.bias.to(dtype)[expert]
-    return y + (bias if valid is None else torch.where(valid[:, None], bias, 0.0))
+    # Each row's bias as one_hot(expert) @ bias, a (R, E) @ (E, out) product: its backward is a plain
+    # matmul, where gathering bias[expert] would scatter-add R rows into E (a slow, contended kernel).
+    one_hot = (expert[:, None] == torch.arange(lin.bias.shape[0], device=x.device)).to(dtype)
+    y = y + one_hot @ lin.bias.to(dtype)
+    return y if valid is None else torch.where(valid[:, None], y, 0.0)
 
 
 def experts_reference(experts: GroupedExperts, x, group_end, expert=None) -> torch.Tensor:
@@ -110,7 +113,7 @@ def experts_reference(experts: GroupedExperts, x, group_end, expert=None) -> tor
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype autocast would run a matmul in (torch._grouped_mm is not on autocast's lists)."""
-    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
+    if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
@@ -144,7 +147,8 @@ def dispatch(
     group_end = rows.cumsum(0).to(torch.int32)
     token, expert = pair_token[order], pair_expert[order]
     valid = None if pair_valid is None else pair_valid[order]
-    y = experts(x[token], group_end, expert, valid) * pair_gate[order, None].to(x.dtype)
+    # index_select: its backward is an index_add (each row once), not the sort-based index_put.
+    y = experts(x.index_select(0, token), group_end, expert, valid) * pair_gate.index_select(0, order)[:, None].to(x.dtype)
     out = x.new_zeros(x.shape).index_add(0, token, y.to(x.dtype))  # sum each token's pairs
     return out, rows
 

@@ -12,7 +12,7 @@ fixed (--tokens, default 65,536 = B x N), random token ids.
 
 Per row: tokens_per_s over --steps timed steps after --warmup steps (compilation included in the
 warmup); from a torch.profiler window of --profile-steps steps: gpu_busy (GPU kernel time / wall
-time), launches_per_step (kernel and CUDA-graph launches); host_syncs_per_step (synchronising CUDA
+time, the kernel time per step from the profiled window over the unprofiled step time), launches_per_step (kernel and CUDA-graph launches); host_syncs_per_step (synchronising CUDA
 calls counted by torch.cuda.set_sync_debug_mode over the same steps); peak_mem_gb. A row with
 "dispatch": "loop" runs the MoE through its loop reference (host-side split sizes, one sync per
 layer: the dispatch the grouped GEMM replaced). --fit adds the throughput of `lightning fit
@@ -79,7 +79,7 @@ def profile_steps(step, steps: int) -> dict:
     busy += 0 if cur_e is None else cur_e - cur_s
     launches = sum(1 for e in events if e.name in LAUNCHES)
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60)
-    return {"gpu_busy": min(1.0, busy / wall_us), "launches_per_step": launches / steps,
+    return {"gpu_busy_us_per_step": busy / steps, "launches_per_step": launches / steps,
             "host_syncs_per_step": syncs / steps, "profile_table": table}
 
 
@@ -119,8 +119,12 @@ def raw_loop(model: str, n: int, tokens: int, compiled: bool, dispatch: str, arg
         prof = profile_steps(step, args.profile_steps)
     finally:
         moe_module._grouped_mm_available = original
+    step_ms = 1e3 * elapsed / args.steps
+    # GPU busy: kernel time per step (profiled) over the step's wall time (timed without the profiler,
+    # whose own host cost would stretch the step).
+    prof["gpu_busy"] = min(1.0, prof["gpu_busy_us_per_step"] / (1e3 * step_ms))
     row = {"model": model, "N": n, "B": b, "compiled": compiled, "dispatch": dispatch if model == "resnet_bk" else None,
-           "tokens_per_s": args.steps * b * n / elapsed, "step_ms": 1e3 * elapsed / args.steps, "warmup_s": warmup_s,
+           "tokens_per_s": args.steps * b * n / elapsed, "step_ms": step_ms, "warmup_s": warmup_s,
            **{k: v for k, v in prof.items() if k != "profile_table"},
            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
     row["profile_table"] = prof["profile_table"]

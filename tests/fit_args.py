@@ -7,7 +7,8 @@ def tiny_fit_args(seq_len: int = 16, **network: object) -> list[str]:
     model.init_args.network.init_args (e.g. d_model=16)."""
     args = [
         "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2",
-        "--trainer.num_sanity_val_steps", "0", "--trainer.accelerator", "cpu", "--trainer.logger", "false",
+        "--trainer.num_sanity_val_steps", "0", "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
+        "--trainer.logger", "false",
         "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", "--data.init_args.seq_len", str(seq_len),
         "--data.init_args.batch_size", "2", "--data.init_args.max_train_tokens", "2000",

@@ -61,15 +61,15 @@ SPEC_KEYS = {"description", "runs", "overrides", "seeds", "budget", "measure", "
 RUN_KEYS = {"name", "config", "overrides", "seeds", "meta"}
 MEASURES = {"val_ppl", "test_ppl", "train_tokens_per_s", "infer_tokens_per_s", "flops_per_token", "peak_mem",
             "gpu_busy", "curve"}
-# --smoke: every run on a CPU in seconds (3 steps of 4 x 32 tokens, 2 evaluation batches, small batches at inference).
+# --smoke: every run on a CPU in seconds (2 steps of 2 x 16 tokens, 1 evaluation batch, small inference batches).
 SMOKE = {
-    "trainer.accelerator": "cpu", "trainer.devices": 1, "trainer.precision": "32-true", "trainer.max_steps": 3,
+    "trainer.accelerator": "cpu", "trainer.devices": 1, "trainer.precision": "32-true", "trainer.max_steps": 2,
     "trainer.max_epochs": -1, "trainer.val_check_interval": 2, "trainer.check_val_every_n_epoch": None,
-    "trainer.limit_val_batches": 2, "trainer.num_sanity_val_steps": 0, "data.init_args.num_workers": 0,
-    "data.init_args.batch_size": 4, "data.init_args.eval_batch_size": 4, "data.init_args.seq_len": 32,
-    "data.init_args.max_train_tokens": 20000,
+    "trainer.limit_val_batches": 1, "trainer.num_sanity_val_steps": 0, "data.init_args.num_workers": 0,
+    "data.init_args.batch_size": 2, "data.init_args.eval_batch_size": 2, "data.init_args.seq_len": 16,
+    "data.init_args.max_train_tokens": 5000,
 }
-SMOKE_EVAL_BATCHES, SMOKE_MAX_INFER_BATCH = 2, 8
+SMOKE_EVAL_BATCHES, SMOKE_MAX_INFER_BATCH = 1, 4
 
 
 class SpecError(ValueError):
@@ -193,8 +193,8 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def infer_tokens_per_s(module: L.LightningModule, x: torch.Tensor, context, reps: int) -> float:
-    """Eval-mode forward passes over x (B, N): tokens/s over `reps` passes after 2 warm-up passes."""
-    for _ in range(2):
+    """Eval-mode forward passes over x (B, N): tokens/s over `reps` passes after min(reps, 2) warm-up passes."""
+    for _ in range(min(reps, 2)):
         with context():
             module(x)
     _sync(x.device)
@@ -233,10 +233,12 @@ def run_one(job: dict) -> dict | None:
     if trainer.global_rank != 0:
         return None
     t = throughput.summary()
-    record = {k: job[k] for k in ("name", "label", "seed", "config", "overrides", "meta", "command")}
+    record = {k: job[k] for k in ("name", "label", "seed", "overrides", "meta", "command")}
+    record["config"] = " ".join(job["config"])
     record.update(model=type(module.model).__name__, params=count_parameters(module.model), steps=trainer.global_step,
                   tokens=t["tokens"], wall_s=wall_s, train_seconds=t["train_seconds"],
-                  train_metrics=_floats(trainer.callback_metrics, "train/"))
+                  train_metrics=_floats(trainer.callback_metrics, "train/"),
+                  val_metrics=_floats(trainer.callback_metrics, "val/"))  # the last validation of fit, if any
     measure = set(job["measure"])
     if "train_tokens_per_s" in measure:
         record.update(train_tokens_per_s=t["train_tokens_per_s"], step_ms=t["step_ms"])
@@ -247,7 +249,6 @@ def run_one(job: dict) -> dict | None:
     if "curve" in measure:
         record["curve"] = curve.points
     if trainer.world_size > 1:  # evaluation below is single-device; under DDP keep what fit logged
-        record["val_metrics"] = _floats(trainer.callback_metrics, "val/")
         return record
     # Evaluation: a single-device Trainer of the same precision, over the whole split (smoke: a few batches).
     evaluator = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, logger=False,
@@ -262,10 +263,10 @@ def run_one(job: dict) -> dict | None:
         record.update(test_ppl=metrics["test/ppl"], test_metrics=_floats(metrics, "test/"))
     module.to(device).eval()
     if "flops_per_token" in measure:
-        flops = flop_breakdown(module.model, _windows(datamodule, 4, device), exclude=("lm_head",))
+        flops = flop_breakdown(module.model, _windows(datamodule, 2, device), exclude=("lm_head",))
         record.update(flops_per_token=flops["total"], flops_per_token_body=flops["kept"])
     if "infer_tokens_per_s" in measure:
-        reps = 2 if job["eval_batches"] != 1.0 else 10
+        reps = 1 if job["eval_batches"] != 1.0 else 10
         context = evaluator.precision_plugin.forward_context
         record["infer_tokens_per_s"] = {
             str(b): infer_tokens_per_s(module, _windows(datamodule, b, device), context, reps)

@@ -16,7 +16,8 @@ cuDNN/Triton autotuning) are left out of the timed figures but not out of `token
 Logged at logging steps: train/tokens_per_s and train/step_ms over the batches since the last
 logging step, train/peak_mem_gb (CUDA), train/gpu_busy (NVML utilisation 0..1, sampled; only where
 `torch.cuda.utilization()` works). `summary()` gives the figures of the whole run:
-    tokens          training tokens seen (input_ids elements of every batch, warm-up included)
+    tokens          training tokens seen (input_ids elements of every batch, warm-up included; under
+                    DDP, of every rank's batch: this rank's times the world size)
     timed_tokens    tokens of the timed batches
     train_seconds   time of every training batch (warm-up included; validation excluded)
     timed_seconds   time of the timed batches
@@ -107,7 +108,7 @@ class Throughput(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch: Any, batch_idx: int) -> None:
         end = self._mark()
-        n = batch_tokens(batch)
+        n = batch_tokens(batch) * trainer.world_size  # every rank's batch (DDP ranks take equal batches)
         self.tokens += n
         self._pending.append((self._start, end, n, self._batches >= self.warmup_steps))
         self._batches += 1

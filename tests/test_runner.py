@@ -49,7 +49,7 @@ def test_tiny_spec_end_to_end(tmp_path):
     assert r["flops_per_token"] - r["flops_per_token_body"] == pytest.approx(2 * 64 * vocab)
     assert set(r["infer_tokens_per_s"]) == {"1", "2"} and all(v > 0 for v in r["infer_tokens_per_s"].values())
     assert r["peak_mem_gb"] is None and r["gpu_busy"] is None  # CUDA-only measurements, not faked on a CPU
-    assert [p["step"] for p in r["curve"]] == [2] and r["curve"][0]["tokens"] == 2 * batch_tokens
+    assert [p["step"] for p in r["curve"]] == [r["steps"]] and r["curve"][0]["tokens"] == r["tokens"]
     assert r["command"].startswith("lightning fit --config configs/quickstart.yaml")
     table = (out / "tiny.md").read_text()
     assert "python -m benchmarks.run benchmarks/specs/tiny.yaml --smoke" in table and "| tiny |" in table

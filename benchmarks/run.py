@@ -14,9 +14,11 @@ exactly those of the command line. Spec keys (only `runs` is required):
     seeds         [1234]: each run once per seed (--seed_everything)
     budget        {steps: N} | {epochs: E} | {seconds: S, max_steps: N}: trainer.max_steps / max_epochs /
                   max_time (S of wall-clock; max_steps is then the horizon the LR schedule decays over)
-    measure       any of val_ppl, test_ppl (whole split, single device, after training), train_tokens_per_s,
-                  infer_tokens_per_s, flops_per_token, peak_mem, gpu_busy, curve (val ppl at every validation
-                  during training against steps, tokens and training seconds)
+    measure       what to measure after training: any of val_ppl, test_ppl (whole split, one device),
+                  infer_tokens_per_s (eval forwards at each batch size), flops_per_token (executed, counted).
+                  Always recorded: training tokens/s and step time (callbacks.Throughput), peak memory and
+                  GPU busy (CUDA), and the curve of val ppl at every validation of the fit against steps,
+                  tokens and training seconds
     infer_batch_sizes [1, 8, 64];  warmup_steps: training batches left out of tokens/s (default 10)
     parallel      K > 1: K runs at once in separate processes (equal-token runs only: their timings are
                   not comparable and the table says so); runs with trainer.devices > 1 always get a process
@@ -59,8 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SPEC_KEYS = {"description", "runs", "overrides", "seeds", "budget", "measure", "infer_batch_sizes", "warmup_steps",
              "parallel", "baseline", "columns", "figures", "cumulative", "smoke"}
 RUN_KEYS = {"name", "config", "overrides", "seeds", "meta"}
-MEASURES = {"val_ppl", "test_ppl", "train_tokens_per_s", "infer_tokens_per_s", "flops_per_token", "peak_mem",
-            "gpu_busy", "curve"}
+MEASURES = {"val_ppl", "test_ppl", "infer_tokens_per_s", "flops_per_token"}
 # --smoke: every run on a CPU in seconds (2 steps of 2 x 16 tokens, 1 evaluation batch, small inference batches).
 SMOKE = {
     "trainer.accelerator": "cpu", "trainer.devices": 1, "trainer.precision": "32-true", "trainer.max_steps": 2,
@@ -114,13 +115,7 @@ def _as_list(value) -> list:
 
 
 def _cli_value(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (dict, list)):
-        return json.dumps(value)
-    return str(value)
+    return value if isinstance(value, str) else json.dumps(value)  # null, true, 0.002, {"a": 1}, [1, 2]
 
 
 def budget_overrides(budget: dict) -> dict:
@@ -163,7 +158,7 @@ def jobs(spec: dict, smoke: bool, runs_root: Path) -> list[dict]:
             out.append({
                 "name": run["name"], "label": label, "seed": seed, "config": _as_list(run["config"]),
                 "overrides": run.get("overrides", {}), "meta": run.get("meta", {}), "args": args, "command": command,
-                "measure": spec.get("measure", ["val_ppl", "train_tokens_per_s"]),
+                "measure": spec.get("measure", ["val_ppl"]),
                 "infer_batch_sizes": [min(b, SMOKE_MAX_INFER_BATCH) if smoke else b for b in spec.get("infer_batch_sizes", [1, 8, 64])],
                 "warmup_steps": 1 if smoke else spec.get("warmup_steps", 10),
                 "eval_batches": SMOKE_EVAL_BATCHES if smoke else 1.0,
@@ -220,12 +215,10 @@ def run_one(job: dict) -> dict | None:
     """Fit one job through the CLI's objects and measure it; None on a DDP rank other than 0."""
     cli = build(job["args"])
     trainer, module, datamodule = cli.trainer, cli.model, cli.datamodule
-    throughput = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
+    throughput = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)  # a config may have one
     if throughput is None:
-        throughput = Throughput(warmup_steps=job["warmup_steps"])
-        trainer.callbacks.append(throughput)
-    curve = ValCurve(throughput)
-    trainer.callbacks.append(curve)
+        trainer.callbacks.append(throughput := Throughput(warmup_steps=job["warmup_steps"]))
+    trainer.callbacks.append(curve := ValCurve(throughput))
     device = trainer.strategy.root_device
     start = time.perf_counter()
     trainer.fit(module, datamodule)
@@ -236,18 +229,11 @@ def run_one(job: dict) -> dict | None:
     record = {k: job[k] for k in ("name", "label", "seed", "overrides", "meta", "command")}
     record["config"] = " ".join(job["config"])
     record.update(model=type(module.model).__name__, params=count_parameters(module.model), steps=trainer.global_step,
-                  tokens=t["tokens"], wall_s=wall_s, train_seconds=t["train_seconds"],
+                  tokens=t["tokens"], wall_s=wall_s, train_seconds=t["train_seconds"], curve=curve.points,
+                  **{k: t[k] for k in ("train_tokens_per_s", "step_ms", "peak_mem_gb", "gpu_busy")},
                   train_metrics=_floats(trainer.callback_metrics, "train/"),
                   val_metrics=_floats(trainer.callback_metrics, "val/"))  # the last validation of fit, if any
     measure = set(job["measure"])
-    if "train_tokens_per_s" in measure:
-        record.update(train_tokens_per_s=t["train_tokens_per_s"], step_ms=t["step_ms"])
-    if "peak_mem" in measure:
-        record["peak_mem_gb"] = t["peak_mem_gb"]
-    if "gpu_busy" in measure:
-        record["gpu_busy"] = t["gpu_busy"]
-    if "curve" in measure:
-        record["curve"] = curve.points
     if trainer.world_size > 1:  # evaluation below is single-device; under DDP keep what fit logged
         return record
     # Evaluation: a single-device Trainer of the same precision, over the whole split (smoke: a few batches).

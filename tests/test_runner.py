@@ -17,7 +17,7 @@ description: tiny runner check
 runs:
   - {name: tiny, config: configs/quickstart.yaml, meta: {techniques: []}}
 budget: {steps: 100}
-measure: [val_ppl, test_ppl, train_tokens_per_s, infer_tokens_per_s, flops_per_token, peak_mem, gpu_busy, curve]
+measure: [val_ppl, test_ppl, infer_tokens_per_s, flops_per_token]
 infer_batch_sizes: [1, 2]
 figures:
   - {file: tiny.png, kind: curve, x: tokens, y: val_ppl}
@@ -76,3 +76,28 @@ def test_spec_errors_are_one_line(tmp_path):
     spec.write_text("runs: [{name: a, config: configs/quickstart.yaml}]\nbudget: {seconds: 60}\n")
     with pytest.raises(runner.SpecError, match="max_steps"):
         runner.load_spec(spec)
+
+
+def test_cumulative_is_the_best_measured_combination():
+    spec = {"baseline": "plain", "cumulative": {"techniques_key": "techniques", "max_ppl_ratio": 1.05}}
+
+    def rec(name, techniques, train, infer, ppl):
+        return {"name": name, "meta": {"techniques": techniques}, "train_tokens_per_s": train,
+                "infer_tokens_per_s": {"1": infer / 2, "64": infer}, "val_ppl": ppl}
+
+    report = {"records": [rec("plain", [], 100.0, 200.0, 300.0), rec("a", ["act"], 300.0, 600.0, 300.0),
+                          rec("ab", ["act", "ms"], 150.0, 500.0, 310.0), rec("abc", ["act", "ms", "sp"], 90.0, 900.0, 400.0)]}
+    c = runner.cumulative(report, spec)
+    # "abc" infers fastest but costs 33% ppl; a single technique ("a") is never the cumulative entry
+    assert c["variant"] == "ab" and c["infer_batch"] == 64
+    assert c["train_speedup"] == pytest.approx(1.5) and c["infer_speedup"] == pytest.approx(2.5)
+    assert c["ppl_ratio"] == pytest.approx(310 / 300) and {x["variant"] for x in c["combinations"]} == {"ab", "abc"}
+
+
+def test_step6_transformer_has_the_baselines_parameter_count():
+    from resnet_bk.cli import build
+
+    spec = runner.load_spec(ROOT / "benchmarks" / "specs" / "step6_all.yaml")
+    by = {j["name"]: j for j in runner.jobs(spec, True, Path("/tmp/unused"))}
+    base, tf = (runner.count_parameters(build(by[n]["args"]).model.model) for n in ("resnet_bk", "transformer"))
+    assert abs(tf - base) / base < 0.001

@@ -64,7 +64,7 @@ RUN_KEYS = {"name", "config", "overrides", "seeds", "meta"}
 MEASURES = {"val_ppl", "test_ppl", "infer_tokens_per_s", "flops_per_token"}
 # --smoke: every run on a CPU in seconds (2 steps of 2 x 16 tokens, 1 evaluation batch, small inference batches).
 SMOKE = {
-    "trainer.accelerator": "cpu", "trainer.devices": 1, "trainer.precision": "32-true", "trainer.max_steps": 2,
+    "trainer.accelerator": "cpu", "trainer.precision": "32-true", "trainer.max_steps": 2,
     "trainer.max_epochs": -1, "trainer.val_check_interval": 2, "trainer.check_val_every_n_epoch": None,
     "trainer.limit_val_batches": 1, "trainer.num_sanity_val_steps": 0, "data.init_args.num_workers": 0,
     "data.init_args.batch_size": 2, "data.init_args.eval_batch_size": 2, "data.init_args.seq_len": 16,
@@ -372,7 +372,7 @@ def markdown(report: dict, spec: dict) -> str:
              + f"Made by `python -m benchmarks.run benchmarks/specs/{spec['name']}.yaml{' --smoke' * report['smoke']}` "
              f"on {report['device']}, "
              f"torch {report['torch']}, commit {report['git_commit']}. Budget: {report['budget'] or 'as configured'}. "
-             "Val/test ppl: token-weighted over the whole split after training; tokens/s: wall-clock (CUDA events), "
+             "Val/test ppl: token-weighted over the whole split after training; tokens/s: wall-clock (CUDA events on a GPU), "
              "warm-up excluded; FLOPs: executed matrix products per token without the LM head "
              "(torch.utils.flop_counter). Several seeds: mean ± sd.", ""]
     if report["parallel"] > 1:

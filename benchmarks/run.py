@@ -37,6 +37,7 @@ runs/bench/<spec>/<run>/ (TensorBoard).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -52,7 +53,7 @@ import lightning as L
 import torch
 import yaml
 
-from callbacks.throughput import Throughput
+from callbacks import Throughput
 from lightning_modules.flops import flop_breakdown  # the one place the runner counts FLOPs
 from resnet_bk.cli import build
 from resnet_bk.models import count_parameters
@@ -161,7 +162,7 @@ def jobs(spec: dict, smoke: bool, runs_root: Path) -> list[dict]:
                 "measure": spec.get("measure", ["val_ppl"]),
                 "infer_batch_sizes": [min(b, SMOKE_MAX_INFER_BATCH) if smoke else b for b in spec.get("infer_batch_sizes", [1, 8, 64])],
                 "warmup_steps": 1 if smoke else spec.get("warmup_steps", 10),
-                "eval_batches": SMOKE_EVAL_BATCHES if smoke else 1.0,
+                "eval_batches": SMOKE_EVAL_BATCHES if smoke else 1.0, "infer_reps": 1 if smoke else 10,
                 "separate_process": int(overrides.get("trainer.devices", 1)) > 1,
             })
     return out
@@ -252,10 +253,9 @@ def run_one(job: dict) -> dict | None:
         flops = flop_breakdown(module.model, _windows(datamodule, 2, device), exclude=("lm_head",))
         record.update(flops_per_token=flops["total"], flops_per_token_body=flops["kept"])
     if "infer_tokens_per_s" in measure:
-        reps = 1 if job["eval_batches"] != 1.0 else 10
         context = evaluator.precision_plugin.forward_context
         record["infer_tokens_per_s"] = {
-            str(b): infer_tokens_per_s(module, _windows(datamodule, b, device), context, reps)
+            str(b): infer_tokens_per_s(module, _windows(datamodule, b, device), context, job["infer_reps"])
             for b in job["infer_batch_sizes"]
         }
     return record
@@ -304,6 +304,8 @@ def run_spec(path: str | Path, smoke: bool = False, out: str | Path | None = Non
     for job in todo:
         if parallel == 1 and not job["separate_process"]:
             report["records"].append(run_one(job))
+            gc.collect()  # the run's model, optimizer and loaders, before the next one is timed
+            torch.cuda.empty_cache()
         else:
             running.append(_start_worker(job, runs_root / "jobs"))
             if len(running) >= parallel or job["separate_process"]:

@@ -54,7 +54,7 @@ import torch
 import yaml
 
 from callbacks import Throughput
-from lightning_modules.flops import flop_breakdown  # the one place the runner counts FLOPs
+from lightning_modules.flops import flop_breakdown
 from resnet_bk.cli import build
 from resnet_bk.models import count_parameters
 
@@ -277,8 +277,8 @@ def _collect(proc: subprocess.Popen, path: Path) -> dict:
 
 # ------------------------------------------------------------------------------------- the spec
 def environment(spec: dict, smoke: bool) -> dict:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
     cuda = torch.cuda.is_available() and not smoke
     return {
         "spec": spec["name"], "description": spec.get("description", ""),
@@ -391,9 +391,9 @@ def markdown(report: dict, spec: dict) -> str:
         lines.append("| " + " | ".join(row) + " |")
     if report.get("cumulative"):
         c = report["cumulative"]
-        lines += ["", f"Cumulative (best measured combination against {c['baseline']}, same run): {c['variant']}: "
-                  f"training {c['train_speedup']:.2f}x, inference {c['infer_speedup']:.2f}x (batch {c['infer_batch']}), "
-                  f"val ppl {c['ppl_ratio']:.2f}x."]
+        lines += ["", (f"Cumulative (best measured combination against {c['baseline']}, same run): {c['variant']}: "
+                       f"training {c['train_speedup']:.2f}x, inference {c['infer_speedup']:.2f}x (batch {c['infer_batch']}), "
+                       f"val ppl {c['ppl_ratio']:.2f}x.")]
     lines += ["", "Commands (each run is this `lightning fit`, measured by the runner):", ""]
     lines += [f"- {r['label']}: `{r['command']}`" for r in report["records"]]
     return "\n".join(lines) + "\n"

@@ -468,7 +468,7 @@ def main():
     save()
     write_markdown(records, accs, info, peak, os.path.join(args.out, "bk_core.md"), breakdown)
     plot(records, os.path.join(args.out, "bk_core.png"), info)
-    print_summary(records)
+    print(open(os.path.join(args.out, "bk_core.md")).read(), flush=True)
 
 
 def _get(records, **kw):
@@ -588,24 +588,6 @@ def plot(records, path, info):
     fig.suptitle(f"BK-core vs causal attention, {info['device_name']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def print_summary(records):
-    print("\nsummary (causal, fp32, graph ms):", flush=True)
-    for b, n in sorted({(r["B"], r["N"]) for r in records}, key=lambda s: (-s[0], s[1])):
-        parts = []
-        for mode in ("fwd", "fwd+bwd"):
-            t = _get(records, impl="triton", causal=True, B=b, N=n, mode=mode, dtype="fp32")
-            fa = _get(records, impl="sdpa_flash", B=b, N=n, mode=mode)
-            fl = _get(records, impl="floor", B=b, N=n, mode=mode)
-            tv = t["graph_ms"] if t else None
-            s = f"{mode}: triton {tv:.4f} (eager {t['ms']:.4f})" if t else f"{mode}: -"
-            if fa and tv:
-                s += f" sdpa/triton {(fa['graph_ms'] or fa['ms']) / tv:.1f}x"
-            if fl and tv:
-                s += f" triton/floor {tv / fl['ms']:.1f}x"
-            parts.append(s)
-        print(f"B={b} N={n}: " + " | ".join(parts), flush=True)
 
 
 if __name__ == "__main__":

@@ -34,20 +34,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def rss_mb() -> float:
+def status_mb(field: str = "VmRSS") -> float:
+    """/proc/self/status's VmRSS (resident memory) or RssAnon (anonymous, heap: RSS without the pages of
+    memory-mapped files, which are page cache the kernel can drop at any time) in MiB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def anon_rss_mb() -> float:
-    """Anonymous (heap) resident memory: RSS without the pages of memory-mapped files, which the
-    kernel can drop at any time (they are page cache, not memory the process holds)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -108,7 +100,7 @@ def main() -> None:
     if args.phase == "warm":
         return warm_and_load(args, data, cache, result, WikiTextDataModule)
     shutil.rmtree(cache, ignore_errors=True)
-    rss0 = rss_mb()
+    rss0 = status_mb()
     t = time.perf_counter()
     dm = WikiTextDataModule(source=str(data), seq_len=256, batch_size=32, cache_dir=str(cache))
     t_init = time.perf_counter() - t
@@ -122,7 +114,7 @@ def main() -> None:
         "train_tokens": n_train, "vocab_size": dm.vocab_size,
         "tokens_per_s_tokenise": sum(len(dm.tokens(s)) for s in ("train", "valid", "test")) / t_tok,
         "tokens_per_s_end_to_end": n_train / (t_init + t_tok),
-        "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss0, "anon_rss_after_mb": anon_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss0, "anon_rss_after_mb": status_mb("RssAnon"),
         "token_file_mb": sum(p.stat().st_size for p in (cache / "streams").iterdir()) / 2**20,
         "token_dtype": str(dm.tokens("train").dtype),
     }  # fmt: skip
@@ -133,12 +125,12 @@ def main() -> None:
 def warm_and_load(args, data, cache, result, WikiTextDataModule) -> None:
     import torch
 
-    rss1, anon1 = rss_mb(), anon_rss_mb()
+    rss1, anon1 = status_mb(), status_mb("RssAnon")
     t = time.perf_counter()
     dm = WikiTextDataModule(source=str(data), seq_len=256, batch_size=32, cache_dir=str(cache))
     dm.setup("fit")
-    result["warm"] = {"init_and_setup_s": time.perf_counter() - t, "rss_increase_mb": rss_mb() - rss1,
-                      "anon_rss_before_mb": anon1, "anon_rss_after_setup_mb": anon_rss_mb(),
+    result["warm"] = {"init_and_setup_s": time.perf_counter() - t, "rss_increase_mb": status_mb() - rss1,
+                      "anon_rss_before_mb": anon1, "anon_rss_after_setup_mb": status_mb("RssAnon"),
                       "train_windows": len(dm.train_dataset)}  # fmt: skip
     print(json.dumps(result["warm"]), flush=True)
 
@@ -155,8 +147,8 @@ def warm_and_load(args, data, cache, result, WikiTextDataModule) -> None:
         dt = time.perf_counter() - t
         assert batch["input_ids"].shape == (32, 256) and batch["input_ids"].dtype == torch.int64
         result["load"][f"num_workers={workers}"] = {
-            "batches_per_s": n / dt, "tokens_per_s": n * 32 * 256 / dt, "rss_mb": rss_mb(),
-            "anon_rss_mb": anon_rss_mb(),
+            "batches_per_s": n / dt, "tokens_per_s": n * 32 * 256 / dt, "rss_mb": status_mb(),
+            "anon_rss_mb": status_mb("RssAnon"),
         }  # fmt: skip
         print(json.dumps(result["load"]), flush=True)
         del it

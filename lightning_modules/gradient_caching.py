@@ -47,7 +47,7 @@ with monitor_hits).
 
 Honest expectations (DESIGN §4): a hit saves a forward and a backward but updates the weights with a
 gradient computed at older weights for another batch; whether that costs perplexity is measured in
-benchmarks/step7_gradcache.py and docs/step7_gradcache.md, not assumed.
+benchmarks/specs/step7_gradcache.yaml and docs/step7_gradcache.md, not assumed.
 """
 
 from __future__ import annotations

@@ -1,0 +1,488 @@
+"""One experiment runner: train configs through `lightning fit`'s own objects and measure them.
+
+    python -m benchmarks.run benchmarks/specs/lm_compare.yaml               # results into benchmarks/results/
+    python -m benchmarks.run benchmarks/specs/lm_compare.yaml --smoke       # tiny CPU check into runs/bench_smoke/
+    python -m benchmarks.run SPEC --only resnet_bk --out DIR                # some runs, elsewhere
+    python -m benchmarks.run SPEC --check                                   # build every run, train nothing
+
+A spec (YAML, benchmarks/specs/) names runs; each run is `lightning fit --config C [--key value]...`
+built with resnet_bk.cli.build, so the LightningModule, data module, optimizer and schedule are
+exactly those of the command line. Spec keys (only `runs` is required):
+    description   one line for the table's title
+    runs          list of {name, config (path or list), overrides {dotted.key: value}, seeds, meta {...}}
+    overrides     applied to every run before its own ({"trainer.max_epochs": 6, "model.init_args.lr": 2e-3})
+    seeds         [1234]: each run once per seed (--seed_everything)
+    budget        {steps: N} | {epochs: E} | {seconds: S, max_steps: N}: trainer.max_steps / max_epochs /
+                  max_time (S of wall-clock; max_steps is then the horizon the LR schedule decays over)
+    measure       what to measure after training: any of val_ppl, test_ppl (whole split, one device),
+                  infer_tokens_per_s (eval forwards at each batch size), flops_per_token (executed, counted).
+                  Always recorded: training tokens/s and step time (callbacks.Throughput), peak memory and
+                  GPU busy (CUDA), and the curve of val ppl at every validation of the fit against steps,
+                  tokens and training seconds
+    infer_batch_sizes [1, 8, 64];  warmup_steps: training batches left out of tokens/s (default 10)
+    parallel      K > 1: K runs at once in separate processes (equal-token runs only: their timings are
+                  not comparable and the table says so); runs with trainer.devices > 1 always get a process
+    baseline      a run name: the table adds each run's ratio to it
+    columns       extra table columns: dotted paths into a record, e.g. val_metrics.val/stats/sparsity
+    figures       [{file, kind: scatter|curve, x, y, runs (optional subset), logx}]
+    cumulative    {techniques_key: techniques, max_ppl_ratio: 1.05}: step6-style best combination
+    smoke         extra overrides under --smoke (after the runner's own tiny CPU settings)
+
+Outputs in --out: <spec>.json (device, torch, git commit, command, and one record per run and seed),
+<spec>.md (the table, with the command that makes it) and the figures. They are rewritten after
+every run, so a cut-off run keeps what finished. Lightning's logs and checkpoints go to
+runs/bench/<spec>/<run>/ (TensorBoard).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+
+from callbacks import Throughput
+from lightning_modules.flops import flop_breakdown
+from resnet_bk.cli import build
+from resnet_bk.models import count_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC_KEYS = {"description", "runs", "overrides", "seeds", "budget", "measure", "infer_batch_sizes", "warmup_steps",
+             "parallel", "baseline", "columns", "figures", "cumulative", "smoke"}
+RUN_KEYS = {"name", "config", "overrides", "seeds", "meta"}
+MEASURES = {"val_ppl", "test_ppl", "infer_tokens_per_s", "flops_per_token"}
+# --smoke: every run on a CPU in seconds (2 steps of 2 x 16 tokens, 1 evaluation batch, small inference batches).
+SMOKE = {
+    "trainer.accelerator": "cpu", "trainer.precision": "32-true", "trainer.max_steps": 2,
+    "trainer.max_epochs": -1, "trainer.val_check_interval": 2, "trainer.check_val_every_n_epoch": None,
+    "trainer.limit_val_batches": 1, "trainer.num_sanity_val_steps": 0, "data.init_args.num_workers": 0,
+    "data.init_args.batch_size": 2, "data.init_args.eval_batch_size": 2, "data.init_args.seq_len": 16,
+    "data.init_args.max_train_tokens": 5000,
+}
+SMOKE_EVAL_BATCHES, SMOKE_MAX_INFER_BATCH = 1, 4
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; the message says what to change."""
+
+
+# ------------------------------------------------------------------------------------------ spec
+def load_spec(path: str | Path) -> dict:
+    """The spec at `path`, checked: known keys, every run with a name and an existing config."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec not found: {path}; pass a YAML file such as benchmarks/specs/lm_compare.yaml")
+    spec = yaml.safe_load(path.read_text()) or {}
+    unknown = set(spec) - SPEC_KEYS
+    if unknown:
+        raise SpecError(f"{path}: unknown key(s) {sorted(unknown)}; known: {sorted(SPEC_KEYS)}")
+    if not spec.get("runs"):
+        raise SpecError(f"{path}: no runs; add runs: [{{name: ..., config: configs/....yaml}}]")
+    bad = set(spec.get("measure", [])) - MEASURES
+    if bad:
+        raise SpecError(f"{path}: unknown measure(s) {sorted(bad)}; known: {sorted(MEASURES)}")
+    names = [run.get("name") for run in spec["runs"]]
+    for run in spec["runs"]:
+        if set(run) - RUN_KEYS or not run.get("name") or not run.get("config"):
+            raise SpecError(f"{path}: run {run} needs a name and a config (keys: {sorted(RUN_KEYS)})")
+        for config in _as_list(run["config"]):
+            if not (ROOT / config).is_file():
+                raise SpecError(f"{path}: run {run['name']!r}: config {config} does not exist")
+    if len(set(names)) != len(names):
+        raise SpecError(f"{path}: run names repeat: {names}")
+    if spec.get("baseline") not in (None, *names):
+        raise SpecError(f"{path}: baseline {spec['baseline']!r} is not a run name ({names})")
+    budget = spec.get("budget", {})
+    if "seconds" in budget and "max_steps" not in budget:
+        raise SpecError(f"{path}: budget.seconds needs budget.max_steps, the horizon of the LR schedule")
+    spec["name"] = path.stem
+    return spec
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _cli_value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)  # null, true, 0.002, {"a": 1}, [1, 2]
+
+
+def budget_overrides(budget: dict) -> dict:
+    """trainer.* settings of a budget: steps, epochs, or seconds (with the schedule's max_steps)."""
+    if "steps" in budget:
+        return {"trainer.max_steps": budget["steps"], "trainer.max_epochs": -1}
+    if "epochs" in budget:
+        return {"trainer.max_epochs": budget["epochs"], "trainer.max_steps": -1}
+    if "seconds" in budget:
+        s = int(budget["seconds"])
+        return {"trainer.max_time": f"{s // 86400:02d}:{s // 3600 % 24:02d}:{s // 60 % 60:02d}:{s % 60:02d}",
+                "trainer.max_steps": budget["max_steps"], "trainer.max_epochs": -1}
+    return {}
+
+
+def jobs(spec: dict, smoke: bool, runs_root: Path) -> list[dict]:
+    """One job per run and seed: the `lightning fit` arguments and what to measure."""
+    out = []
+    for run in spec["runs"]:
+        seeds = run.get("seeds", spec.get("seeds", [1234]))
+        for seed in seeds[:1] if smoke else seeds:
+            label = run["name"] if len(seeds) == 1 else f"{run['name']}_s{seed}"
+            overrides = {**budget_overrides(spec.get("budget", {})), **spec.get("overrides", {}), **run.get("overrides", {})}
+            if smoke:
+                overrides.update(SMOKE)
+                if "seconds" in spec.get("budget", {}):
+                    overrides["trainer.max_time"] = "00:00:01:00"
+                overrides.update(spec.get("smoke", {}))
+            args = [a for c in _as_list(run["config"]) for a in ("--config", str(ROOT / c))]
+            args += ["--seed_everything", str(seed)]
+            for key, value in overrides.items():
+                args += [f"--{key}", _cli_value(value)]
+            command = "lightning fit " + " ".join(a.replace(str(ROOT) + os.sep, "") for a in args)
+            args += [
+                "--trainer.default_root_dir", str(runs_root),
+                "--trainer.logger", json.dumps({"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {
+                    "save_dir": str(runs_root), "name": label, "default_hp_metric": False}}),
+                "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            ]
+            out.append({
+                "name": run["name"], "label": label, "seed": seed, "config": _as_list(run["config"]),
+                "overrides": run.get("overrides", {}), "meta": run.get("meta", {}), "args": args, "command": command,
+                "measure": spec.get("measure", ["val_ppl"]),
+                "infer_batch_sizes": [min(b, SMOKE_MAX_INFER_BATCH) if smoke else b for b in spec.get("infer_batch_sizes", [1, 8, 64])],
+                "warmup_steps": 1 if smoke else spec.get("warmup_steps", 10),
+                "eval_batches": SMOKE_EVAL_BATCHES if smoke else 1.0, "infer_reps": 1 if smoke else 10,
+                "separate_process": int(overrides.get("trainer.devices", 1)) > 1,
+            })
+    return out
+
+
+# ------------------------------------------------------------------------------------ measuring
+class ValCurve(L.Callback):
+    """Val ppl at every validation during training, against steps, tokens and training seconds."""
+
+    def __init__(self, throughput: Throughput) -> None:
+        self.throughput, self.points = throughput, []
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and "val/ppl" in trainer.callback_metrics:
+            t = self.throughput  # its on_validation_start has read the training timers
+            self.points.append({"step": trainer.global_step, "tokens": t.tokens, "train_seconds": t.train_seconds,
+                                "val_ppl": float(trainer.callback_metrics["val/ppl"])})
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def infer_tokens_per_s(module: L.LightningModule, x: torch.Tensor, context, reps: int) -> float:
+    """Eval-mode forward passes over x (B, N): tokens/s over `reps` passes after min(reps, 2) warm-up passes."""
+    for _ in range(min(reps, 2)):
+        with context():
+            module(x)
+    _sync(x.device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        with context():
+            module(x)
+    _sync(x.device)
+    return reps * x.numel() / (time.perf_counter() - start)
+
+
+def _windows(datamodule, n: int, device: torch.device) -> torch.Tensor:
+    """The first n validation windows (cycled if the split has fewer), (n, seq_len) on device."""
+    dataset = datamodule.val_dataloader().dataset
+    return torch.stack([dataset[i % len(dataset)]["input_ids"] for i in range(n)]).to(device)
+
+
+def _floats(metrics: dict, prefix: str) -> dict:
+    return {k: float(v) for k, v in metrics.items() if k.startswith(prefix) and torch.as_tensor(v).numel() == 1}
+
+
+def run_one(job: dict) -> dict | None:
+    """Fit one job through the CLI's objects and measure it; None on a DDP rank other than 0."""
+    cli = build(job["args"])
+    trainer, module, datamodule = cli.trainer, cli.model, cli.datamodule
+    throughput = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)  # a config may have one
+    if throughput is None:
+        trainer.callbacks.append(throughput := Throughput(warmup_steps=job["warmup_steps"]))
+    trainer.callbacks.append(curve := ValCurve(throughput))
+    device = trainer.strategy.root_device
+    start = time.perf_counter()
+    trainer.fit(module, datamodule)
+    wall_s = time.perf_counter() - start
+    if trainer.global_rank != 0:
+        return None
+    t = throughput.summary()
+    record = {k: job[k] for k in ("name", "label", "seed", "overrides", "meta", "command")}
+    record["config"] = " ".join(job["config"])
+    record.update(model=type(module.model).__name__, params=count_parameters(module.model), steps=trainer.global_step,
+                  tokens=t["tokens"], wall_s=wall_s, train_seconds=t["train_seconds"], curve=curve.points,
+                  **{k: t[k] for k in ("train_tokens_per_s", "step_ms", "peak_mem_gb", "gpu_busy")},
+                  train_metrics=_floats(trainer.callback_metrics, "train/"),
+                  val_metrics=_floats(trainer.callback_metrics, "val/"))  # the last validation of fit, if any
+    measure = set(job["measure"])
+    if trainer.world_size > 1:  # evaluation below is single-device; under DDP keep what fit logged
+        return record
+    # Evaluation: a single-device Trainer of the same precision, over the whole split (smoke: a few batches).
+    evaluator = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, logger=False,
+                          precision=trainer.precision_plugin.precision, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False,
+                          limit_val_batches=job["eval_batches"], limit_test_batches=job["eval_batches"])
+    if "val_ppl" in measure:
+        metrics = evaluator.validate(module, datamodule, verbose=False)[0]
+        record.update(val_ppl=metrics["val/ppl"], val_metrics=_floats(metrics, "val/"))
+    if "test_ppl" in measure:
+        metrics = evaluator.test(module, datamodule, verbose=False)[0]
+        record.update(test_ppl=metrics["test/ppl"], test_metrics=_floats(metrics, "test/"))
+    module.to(device).eval()
+    if "flops_per_token" in measure:
+        flops = flop_breakdown(module.model, _windows(datamodule, 2, device), exclude=("lm_head",))
+        record.update(flops_per_token=flops["total"], flops_per_token_body=flops["kept"])
+    if "infer_tokens_per_s" in measure:
+        context = evaluator.precision_plugin.forward_context
+        record["infer_tokens_per_s"] = {
+            str(b): infer_tokens_per_s(module, _windows(datamodule, b, device), context, job["infer_reps"])
+            for b in job["infer_batch_sizes"]
+        }
+    return record
+
+
+def _start_worker(job: dict, folder: Path) -> tuple[subprocess.Popen, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{job['label']}.job.json"
+    path.write_text(json.dumps(job))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen([sys.executable, "-m", "benchmarks.run", "--worker", str(path)], cwd=ROOT, env=env), path
+
+
+def _collect(proc: subprocess.Popen, path: Path) -> dict:
+    if proc.wait() != 0:
+        raise RuntimeError(f"run {path.name} failed (exit {proc.returncode}); its output is above")
+    return json.loads(path.with_suffix(".result.json").read_text())
+
+
+# ------------------------------------------------------------------------------------- the spec
+def environment(spec: dict, smoke: bool) -> dict:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+    cuda = torch.cuda.is_available() and not smoke
+    return {
+        "spec": spec["name"], "description": spec.get("description", ""),
+        "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})",
+        "torch": torch.__version__, "lightning": L.__version__, "git_commit": commit + ("-dirty" if dirty else ""),
+        "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]), "smoke": smoke,
+        "budget": spec.get("budget", {}), "parallel": spec.get("parallel", 1),
+    }
+
+
+def run_spec(path: str | Path, smoke: bool = False, out: str | Path | None = None, only=None) -> dict:
+    """Run every job of the spec (or those of the runs named in `only`) and write the report after each."""
+    spec = load_spec(path)
+    out = Path(out or (ROOT / "runs" / "bench_smoke" if smoke else ROOT / "benchmarks" / "results"))
+    runs_root = (out / "runs" if smoke else ROOT / "runs" / "bench") / spec["name"]
+    todo = [j for j in jobs(spec, smoke, runs_root) if not only or j["name"] in only]
+    report = {**environment(spec, smoke), "records": []}
+    if "seconds" in spec.get("budget", {}):
+        report["budget_s"] = float(spec["budget"]["seconds"])
+    out.mkdir(parents=True, exist_ok=True)
+    parallel = max(1, min(int(spec.get("parallel", 1)), 2 if smoke else 64))
+    running: list[tuple[subprocess.Popen, Path]] = []
+    for job in todo:
+        if parallel == 1 and not job["separate_process"]:
+            report["records"].append(run_one(job))
+            gc.collect()  # the run's model, optimizer and loaders, before the next one is timed
+            torch.cuda.empty_cache()
+        else:
+            running.append(_start_worker(job, runs_root / "jobs"))
+            if len(running) >= parallel or job["separate_process"]:
+                report["records"].append(_collect(*running.pop(0)))
+        write(report, spec, out)
+    for proc, job_path in running:
+        report["records"].append(_collect(proc, job_path))
+        write(report, spec, out)
+    return report
+
+
+def write(report: dict, spec: dict, out: Path) -> None:
+    if spec.get("cumulative"):
+        report["cumulative"] = cumulative(report, spec)
+    (out / f"{spec['name']}.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    (out / f"{spec['name']}.md").write_text(markdown(report, spec))
+    for figure in spec.get("figures", []):
+        plot(report, figure, out / figure["file"])
+
+
+# ------------------------------------------------------------------------------------- reports
+def value(record: dict, key: str):
+    """record[key], where key may be a dotted path into nested dicts (infer_tokens_per_s.8)."""
+    if key in record:
+        return record[key]
+    head, _, rest = key.partition(".")
+    return value(record[head], rest) if rest and isinstance(record.get(head), dict) else None
+
+
+def _mean(records: list[dict], key: str, scale: float = 1.0) -> tuple[float | None, float | None]:
+    xs = [v / scale for v in (value(r, key) for r in records) if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def _fmt(mean: float | None, sd: float | None) -> str:
+    if mean is None:
+        return "-"
+    digits = 0 if abs(mean) >= 1000 or (mean == int(mean) and sd is None) else 2 if abs(mean) < 10 else 1
+    text = f"{mean:,.{digits}f}"
+    return text + (f" ± {sd:,.{digits}f}" if sd is not None else "")
+
+
+def columns(report: dict, spec: dict) -> list[tuple[str, str]]:
+    """(header, record key, divisor) of the table's columns that some record holds."""
+    cols = [("params", "params"), ("steps", "steps"), ("tokens", "tokens"), ("fit s", "wall_s"),
+            ("val ppl", "val_ppl"), ("test ppl", "test_ppl"), ("train tok/s", "train_tokens_per_s"),
+            ("step ms", "step_ms")]
+    sizes = sorted({b for r in report["records"] for b in r.get("infer_tokens_per_s", {})}, key=int)
+    cols += [(f"infer tok/s B={b}", f"infer_tokens_per_s.{b}") for b in sizes]
+    cols += [("MFLOP/token (body)", "flops_per_token_body"), ("peak GB", "peak_mem_gb"), ("GPU busy", "gpu_busy")]
+    cols += [(key.rpartition(".")[2], key) for key in spec.get("columns", [])]
+    cols = [(h, k, 1e6 if k == "flops_per_token_body" else 1.0) for h, k in cols]
+    return [c for c in cols if any(value(r, c[1]) is not None for r in report["records"])]
+
+
+def markdown(report: dict, spec: dict) -> str:
+    groups: dict[str, list[dict]] = {}
+    for r in report["records"]:
+        groups.setdefault(r["name"], []).append(r)
+    cols = columns(report, spec)
+    base = groups.get(spec.get("baseline"))
+    lines = [f"# {spec.get('description') or spec['name']}", "",
+             ("**SMOKE RUN: tiny sizes on a CPU; the numbers check the code and measure nothing.**\n\n" if report["smoke"] else "")
+             + f"Made by `python -m benchmarks.run benchmarks/specs/{spec['name']}.yaml{' --smoke' * report['smoke']}` "
+             f"on {report['device']}, "
+             f"torch {report['torch']}, commit {report['git_commit']}. Budget: {report['budget'] or 'as configured'}. "
+             "Val/test ppl: token-weighted over the whole split after training; tokens/s: wall-clock (CUDA events on a GPU), "
+             "warm-up excluded; FLOPs: executed matrix products per token without the LM head "
+             "(torch.utils.flop_counter). Several seeds: mean ± sd.", ""]
+    if report["parallel"] > 1:
+        lines += [f"Runs shared the device ({report['parallel']} at once): compare their tokens, not their timings.", ""]
+    ratio_cols = [(h, k) for h, k, _ in cols if k in ("val_ppl", "train_tokens_per_s") or k.startswith("infer_tokens")]
+    header = ["run", "seeds"] + [h for h, _, _ in cols] + ([f"{h} ÷ {spec['baseline']}" for h, _ in ratio_cols] if base else [])
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
+    for name, recs in groups.items():
+        row = [name, ",".join(str(r["seed"]) for r in recs)] + [_fmt(*_mean(recs, k, d)) for _, k, d in cols]
+        if base:
+            for _, k in ratio_cols:
+                m, b = _mean(recs, k)[0], _mean(base, k)[0]
+                row.append(f"{m / b:.2f}x" if m is not None and b else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    if report.get("cumulative"):
+        c = report["cumulative"]
+        lines += ["", (f"Cumulative (best measured combination against {c['baseline']}, same run): {c['variant']}: "
+                       f"training {c['train_speedup']:.2f}x, inference {c['infer_speedup']:.2f}x (batch {c['infer_batch']}), "
+                       f"val ppl {c['ppl_ratio']:.2f}x.")]
+    lines += ["", "Commands (each run is this `lightning fit`, measured by the runner):", ""]
+    lines += [f"- {r['label']}: `{r['command']}`" for r in report["records"]]
+    return "\n".join(lines) + "\n"
+
+
+def cumulative(report: dict, spec: dict) -> dict | None:
+    """The combination (a run whose meta lists >= 2 techniques) with the best inference speed-up among
+    those within max_ppl_ratio of the baseline's val ppl (else the best overall), against the baseline."""
+    conf = spec["cumulative"]
+    by = {r["name"]: r for r in report["records"]}
+    base = by.get(spec.get("baseline"))
+    if base is None or not base.get("infer_tokens_per_s"):
+        return None
+    batch = max(base["infer_tokens_per_s"], key=int)
+    rows = []
+    for r in report["records"]:
+        if len(r["meta"].get(conf.get("techniques_key", "techniques"), [])) >= 2 and r.get("val_ppl"):
+            rows.append({"variant": r["name"], "train_speedup": r["train_tokens_per_s"] / base["train_tokens_per_s"],
+                         "infer_speedup": r["infer_tokens_per_s"][batch] / base["infer_tokens_per_s"][batch],
+                         "ppl_ratio": r["val_ppl"] / base["val_ppl"]})
+    if not rows:
+        return None
+    best = max(rows, key=lambda c: (c["ppl_ratio"] <= conf.get("max_ppl_ratio", 1.05), c["infer_speedup"]))
+    return {**best, "baseline": base["name"], "infer_batch": int(batch), "combinations": rows}
+
+
+def plot(report: dict, figure: dict, path: Path) -> None:
+    """A scatter of two record values per run, or curves of val ppl (or another curve key) per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in report["records"] if not figure.get("runs") or r["name"] in figure["runs"]]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in records:
+        if figure.get("kind", "scatter") == "curve":
+            points = r.get("curve") or []
+            ax.plot([p[figure["x"]] for p in points], [p[figure["y"]] for p in points], marker="o", ms=3, label=r["label"])
+        else:
+            x, y = value(r, figure["x"]), value(r, figure["y"])
+            if x is not None and y is not None:
+                ax.scatter(x, y, s=30)
+                ax.annotate(r["label"], (x, y), fontsize=8, xytext=(4, 3), textcoords="offset points")
+    if figure.get("logx"):
+        ax.set_xscale("log")
+    ax.set_xlabel(figure["x"])
+    ax.set_ylabel(figure["y"])
+    ax.grid(alpha=0.3)
+    if figure.get("kind") == "curve" and records:
+        ax.legend(fontsize=7)
+    ax.set_title(f"{report['spec']} on {report['device']}" + (" (SMOKE: measures nothing)" if report["smoke"] else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("spec", nargs="?", help="a YAML spec, e.g. benchmarks/specs/lm_compare.yaml")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU runs that check the spec in about a minute")
+    p.add_argument("--out", help="folder for <spec>.json/.md/.png (default benchmarks/results; smoke: runs/bench_smoke)")
+    p.add_argument("--only", nargs="+", help="run only these run names")
+    p.add_argument("--check", action="store_true", help="build every run (configs + overrides), train nothing")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # a job file: run it, write <job>.result.json
+    args = p.parse_args(argv)
+    if args.worker:
+        job_path = Path(args.worker)
+        record = run_one(json.loads(job_path.read_text()))
+        if record is not None:
+            job_path.with_suffix(".result.json").write_text(json.dumps(record, default=float))
+        return 0
+    if not args.spec:
+        p.error("give a spec, e.g. benchmarks/specs/lm_compare.yaml")
+    try:
+        if args.check:
+            spec = load_spec(args.spec)
+            for job in jobs(spec, args.smoke, Path("/tmp") / "bench_check"):
+                build(job["args"])
+                print(f"ok  {job['label']}: {job['command']}")
+            return 0
+        report = run_spec(args.spec, smoke=args.smoke, out=args.out, only=args.only)
+    except SpecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(markdown(report, load_spec(args.spec)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

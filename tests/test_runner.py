@@ -1,0 +1,103 @@
+"""benchmarks/run.py: one tiny spec end to end on CPU (JSON schema, numbers finite and from the run,
+table and figure written), and the checks every spec in benchmarks/specs/ passes."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from benchmarks import run as runner
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = """
+description: tiny runner check
+runs:
+  - {name: tiny, config: configs/quickstart.yaml, meta: {techniques: []}}
+budget: {steps: 100}
+measure: [val_ppl, test_ppl, infer_tokens_per_s, flops_per_token]
+infer_batch_sizes: [1, 2]
+figures:
+  - {file: tiny.png, kind: curve, x: tokens, y: val_ppl}
+"""
+
+
+def test_tiny_spec_end_to_end(tmp_path):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(SPEC)
+    out = tmp_path / "out"
+    assert runner.main([str(spec), "--smoke", "--out", str(out)]) == 0
+    report = json.loads((out / "tiny.json").read_text())
+    for key in ("device", "torch", "lightning", "git_commit", "command", "budget", "records"):
+        assert key in report, key
+    assert report["smoke"] is True and len(report["git_commit"]) >= 40
+    (r,) = report["records"]
+    smoke = runner.SMOKE
+    batch_tokens = smoke["data.init_args.batch_size"] * smoke["data.init_args.seq_len"]
+    # what the run did, not constants: the smoke budget of steps and the tokens they consumed
+    assert r["steps"] == smoke["trainer.max_steps"] and r["tokens"] == r["steps"] * batch_tokens
+    for key in ("val_ppl", "test_ppl", "train_tokens_per_s", "step_ms", "wall_s", "train_seconds", "flops_per_token"):
+        assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, key
+    assert math.isclose(r["val_ppl"], math.exp(r["val_metrics"]["val/loss"]), rel_tol=1e-5)
+    # tokens/s and step time are two views of the same timers: one timed batch each
+    assert math.isclose(r["train_tokens_per_s"] * r["step_ms"] / 1000, batch_tokens, rel_tol=1e-6)
+    assert r["train_seconds"] < r["wall_s"]
+    # the LM head is the only thing between the two FLOP counts: 2 * d_model * vocab per token
+    vocab = 33_279
+    assert r["flops_per_token"] - r["flops_per_token_body"] == pytest.approx(2 * 64 * vocab)
+    assert set(r["infer_tokens_per_s"]) == {"1", "2"} and all(v > 0 for v in r["infer_tokens_per_s"].values())
+    assert r["peak_mem_gb"] is None and r["gpu_busy"] is None  # CUDA-only measurements, not faked on a CPU
+    assert [p["step"] for p in r["curve"]] == [r["steps"]] and r["curve"][0]["tokens"] == r["tokens"]
+    assert r["command"].startswith("lightning fit --config configs/quickstart.yaml")
+    table = (out / "tiny.md").read_text()
+    assert "python -m benchmarks.run benchmarks/specs/tiny.yaml --smoke" in table and "| tiny |" in table
+    assert (out / "tiny.png").stat().st_size > 0
+    assert (out / "runs" / "tiny" / "tiny").is_dir()  # TensorBoard logs of the run
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "benchmarks" / "specs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_spec_loads(path):
+    spec = runner.load_spec(path)
+    for smoke in (False, True):
+        jobs = runner.jobs(spec, smoke, Path("/tmp/unused"))
+        assert jobs and all(j["command"].startswith("lightning fit --config configs/") for j in jobs)
+
+
+def test_spec_errors_are_one_line(tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("runs: [{name: a, config: configs/quickstart.yaml}]\nbudjet: {steps: 3}\n")
+    with pytest.raises(runner.SpecError, match="unknown key.*budjet"):
+        runner.load_spec(spec)
+    spec.write_text("runs: [{name: a, config: configs/nope.yaml}]\n")
+    with pytest.raises(runner.SpecError, match="configs/nope.yaml does not exist"):
+        runner.load_spec(spec)
+    spec.write_text("runs: [{name: a, config: configs/quickstart.yaml}]\nbudget: {seconds: 60}\n")
+    with pytest.raises(runner.SpecError, match="max_steps"):
+        runner.load_spec(spec)
+
+
+def test_cumulative_is_the_best_measured_combination():
+    spec = {"baseline": "plain", "cumulative": {"techniques_key": "techniques", "max_ppl_ratio": 1.05}}
+
+    def rec(name, techniques, train, infer, ppl):
+        return {"name": name, "meta": {"techniques": techniques}, "train_tokens_per_s": train,
+                "infer_tokens_per_s": {"1": infer / 2, "64": infer}, "val_ppl": ppl}
+
+    report = {"records": [rec("plain", [], 100.0, 200.0, 300.0), rec("a", ["act"], 300.0, 600.0, 300.0),
+                          rec("ab", ["act", "ms"], 150.0, 500.0, 310.0), rec("abc", ["act", "ms", "sp"], 90.0, 900.0, 400.0)]}
+    c = runner.cumulative(report, spec)
+    # "abc" infers fastest but costs 33% ppl; a single technique ("a") is never the cumulative entry
+    assert c["variant"] == "ab" and c["infer_batch"] == 64
+    assert c["train_speedup"] == pytest.approx(1.5) and c["infer_speedup"] == pytest.approx(2.5)
+    assert c["ppl_ratio"] == pytest.approx(310 / 300) and {x["variant"] for x in c["combinations"]} == {"ab", "abc"}
+
+
+def test_step6_transformer_has_the_baselines_parameter_count():
+    from resnet_bk.cli import build
+
+    spec = runner.load_spec(ROOT / "benchmarks" / "specs" / "step6_all.yaml")
+    by = {j["name"]: j for j in runner.jobs(spec, True, Path("/tmp/unused"))}
+    base, tf = (runner.count_parameters(build(by[n]["args"]).model.model) for n in ("resnet_bk", "transformer"))
+    assert abs(tf - base) / base < 0.001

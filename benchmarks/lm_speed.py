@@ -78,7 +78,7 @@ def profile_steps(step, steps: int) -> dict:
             cur_e = max(cur_e, e)
     busy += 0 if cur_e is None else cur_e - cur_s
     launches = sum(1 for e in events if e.name in LAUNCHES)
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=90)
     return {"gpu_busy_us_per_step": busy / steps, "launches_per_step": launches / steps,
             "host_syncs_per_step": syncs / steps, "profile_table": table}
 

@@ -201,7 +201,8 @@ class MoEFeedForward(nn.Module):
             return self.dropout(self.experts(x, None, None)).reshape(shape), {}, {}
 
         probs = F.softmax(self.router(x), dim=-1)  # (T, E)
-        gate, expert = probs.topk(self.top_k, dim=-1)  # (T, k) each
+        # (T, k) each; max for k = 1: a row-wise reduction, where topk launches a slow selection kernel
+        gate, expert = probs.max(-1, keepdim=True) if self.top_k == 1 else probs.topk(self.top_k, dim=-1)
         if self.top_k > 1:
             # GShard: weights sum to one over the chosen experts. For k=1 keep the raw probability,
             # otherwise the gate would be 1 and the router would get no gradient from the LM loss.

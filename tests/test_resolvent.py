@@ -377,3 +377,50 @@ def test_quality_config_equal_parameters_and_causal(config):
     assert model.blocks[0].bk.resolvent == full.blocks[0].bk.resolvent
     _assert_causal(model, torch.randint(0, V, (2, 16)), (0, 7, 15), train=True)
     _assert_causal(model, torch.randint(0, V, (2, 16)), (0, 7, 15), train=False)
+
+
+# ------------------------------------------------------------------ fast paths (CPU here)
+def _features_and_grads(v, couplings, z_re, z_im, method, weight):
+    leaves = [t.detach().clone().requires_grad_() for t in (v, couplings, z_re, z_im)]
+    from resnet_bk.bk_core import use_method
+
+    with use_method(method):
+        f = resolvent_features(leaves[0], torch.complex(leaves[2], leaves[3]), leaves[1], True)
+    (f * weight.to(f.dtype)).sum().backward()
+    return f, [t.grad for t in leaves]
+
+
+def test_triton_core_gives_the_reference_features():
+    """resolvent_features through the Triton kernels (interpreted on CPU) against the float64 scan:
+    B*C rows with one z per row and input couplings, values and gradients."""
+    pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(4)
+    b, n, c = 2, 18, 3
+    v = torch.randn(b, n, c, dtype=torch.float64, generator=g)
+    couplings = 0.5 + torch.rand(b, n - 1, c, dtype=torch.float64, generator=g)
+    z_re, z_im = torch.tensor([0.2, -0.1, 0.0], dtype=torch.float64), torch.tensor([0.3, 1.0, 2.5], dtype=torch.float64)
+    weight = torch.randn(b, n, 2 * c, dtype=torch.float64, generator=g)
+    ref, ref_grads = _features_and_grads(v, couplings, z_re, z_im, "scan", weight)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    out, grads = _features_and_grads(*(t.float().to(dev) for t in (v, couplings, z_re, z_im)), "triton", weight.to(dev))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.cpu().double(), ref, atol=1e-5, rtol=1e-4)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.cpu().double(), want, atol=1e-4, rtol=1e-3)
+
+
+def test_mix_compiles_without_graph_breaks():
+    """The whole mixing path (projections, couplings, learned z, core, gate) in one graph."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = BKLayer(D, 2 * D, num_experts=1, resolvent=RICH)
+    h = torch.randn(2, 12, D)
+    compiled = torch.compile(lambda h: layer.mix(h)[0], fullgraph=True, backend="aot_eager")
+    out = compiled(h)
+    out.square().sum().backward()
+    grad = layer.z_imag_raw.grad.clone()
+    layer.zero_grad()
+    ref = layer.mix(h)[0]
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad, layer.z_imag_raw.grad, atol=1e-6, rtol=1e-4)

@@ -185,8 +185,21 @@ def test_bad_options_raise():
                           ({"gate": "relu"}, "gate"), ({"z_real": float("inf")}, "z_real")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             ResolventConfig(**kwargs)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['chanels'\]"):
+        ResolventConfig.of({"chanels": 4})
+    assert ResolventConfig.of({"channels": 4}) == ResolventConfig(channels=4)  # a YAML block read without the CLI
+    assert BKLayer(D, D, resolvent={"channels": 4, "gate": "silu"}).gate_proj.out_features == 8
     with pytest.raises(ValueError, match="couplings='laplacian'"):
         SparseBKLayer(D, D, resolvent=ResolventConfig(couplings="input"), target_sparsity=0.5)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_short_sequences_with_every_option(n):
+    model = ResNetBKLM(V, d_model=D, n_layers=2, num_experts=2, max_seq_len=32, resolvent=RICH)
+    out = model(torch.randint(0, V, (2, n)))
+    out.logits.sum().backward()
+    assert out.logits.shape == (2, n, V) and torch.isfinite(out.logits).all()
+    assert model.blocks[0].bk.z_imag_raw.grad is not None
 
 
 def test_bf16_autocast_runs_every_option():

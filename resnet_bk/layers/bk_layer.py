@@ -37,6 +37,7 @@ class BKLayer(nn.Module):
     resolvent_features(v, couplings) is the whole potential -> BK-core -> real features path, the
     one place that touches complex numbers.
 
+    resolvent: a ResolventConfig (None: the seeds' layer; a mapping of its options is accepted too).
     stats (detached scalars): "g_abs_mean" (mean |g| over positions and chains, <= 1 / min Im z);
     with a per-channel z also "z_imag_min", "z_imag_mean", "z_imag_max", "z_real_mean".
     """
@@ -52,7 +53,7 @@ class BKLayer(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        cfg = resolvent if resolvent is not None else ResolventConfig()
+        cfg = ResolventConfig.of(resolvent)
         self.resolvent, self.bk_scale, self.causal = cfg, cfg.bk_scale, causal
         c = cfg.channels
         self.moe = MoEFeedForward(d_model, d_ff, num_experts, top_k, dropout)
@@ -71,12 +72,14 @@ class BKLayer(nn.Module):
             self.register_buffer("z_real", re, persistent=False)
             self.register_buffer("z_imag_fixed", im, persistent=False)
 
+    def shift_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Re z, Im z), real (C,) tensors with Im z > 0; for a per-channel z only."""
+        im = F.softplus(self.z_imag_raw) if self.resolvent.learn_z else self.z_imag_fixed
+        return self.z_real, im
+
     def shift(self):
         """z: a Python complex (every channel) or a complex (C,) tensor with Im z > 0."""
-        if self.resolvent.z_is_constant:
-            return self.z
-        im = F.softplus(self.z_imag_raw) if self.resolvent.learn_z else self.z_imag_fixed
-        return torch.complex(self.z_real, im)
+        return self.z if self.resolvent.z_is_constant else torch.complex(*self.shift_parts())
 
     def couplings(self, h: torch.Tensor) -> Optional[torch.Tensor]:
         """(B, N, D) -> b (B, N-1, C) in (0, 2), b_i from h_{i+1}; None for the Laplacian (b = 1)."""
@@ -108,9 +111,8 @@ class BKLayer(nn.Module):
         f = features.detach()
         stats = {"g_abs_mean": torch.hypot(f[..., 0::2], f[..., 1::2]).mean()}
         if not self.resolvent.z_is_constant:
-            z = self.shift().detach()
-            stats.update(z_imag_min=z.imag.min(), z_imag_mean=z.imag.mean(), z_imag_max=z.imag.max(),
-                         z_real_mean=z.real.mean())  # fmt: skip
+            re, im = (t.detach() for t in self.shift_parts())
+            stats.update(z_imag_min=im.min(), z_imag_mean=im.mean(), z_imag_max=im.max(), z_real_mean=re.mean())
         return stats
 
     def feed_forward(self, x: torch.Tensor):

@@ -20,8 +20,9 @@ numbers only inside it. A fused kernel that reads (B, N, C) directly is tested a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal, Optional, Union
 
 import torch
 
@@ -77,6 +78,23 @@ class ResolventConfig:
             raise ValueError(f"ResolventConfig: couplings must be 'laplacian' or 'input', got {self.couplings!r}.")
         if self.gate not in ("none", "sigmoid", "silu"):
             raise ValueError(f"ResolventConfig: gate must be 'none', 'sigmoid' or 'silu', got {self.gate!r}.")
+
+    @classmethod
+    def of(cls, value: Union["ResolventConfig", Mapping[str, Any], None]) -> "ResolventConfig":
+        """The config itself, the defaults for None, or one built from a mapping (a YAML block read
+        without the CLI, e.g. {"channels": 16})."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            unknown = sorted(set(value) - {f.name for f in fields(cls)})
+            if unknown:
+                raise ValueError(
+                    f"ResolventConfig: unknown option(s) {unknown}; the options are {[f.name for f in fields(cls)]}."
+                )
+            return cls(**value)
+        raise ValueError(f"ResolventConfig: expected a ResolventConfig or a mapping, got {type(value).__name__}.")
 
     @property
     def z_is_constant(self) -> bool:

@@ -214,7 +214,7 @@ def test_reduced_core_with_one_z_per_row_equals_dense_reference():
     g = torch.Generator().manual_seed(0)
     keep = torch.rand(4, 13, generator=g) < 0.5
     keep[:, 0] = True
-    pos, valid, runs = pack_kept(keep)
+    _, valid, runs = pack_kept(keep)
     v = torch.randn(valid.shape, dtype=torch.float64, generator=g)
     z = torch.tensor([0.1 + 0.3j, -0.2 + 1.0j, 0.0 + 2.0j, 0.5 + 0.7j], dtype=torch.complex128)[:, None]
     got = reduced_green_diagonal(v, runs, 0.4, z)

@@ -8,12 +8,13 @@ With C channels (chains) per layer, like the heads of attention:
     g_c  = diagonal of (H_c - z_c I)^-1                causal g_i (positions 0..i) or bidirectional
     out  (B, N, 2C)    [Re g_0, Im g_0, Re g_1, Im g_1, ...] at each position, real
 
-Because sub = sup = b, every k_i = b_i^2 >= 0 and Im z_c > 0 give |g| <= 1 / Im z_c (DESIGN
+Because sub = sup = b, every k_i = b_i^2 >= 0 and Im z_c > 0 give |g| <= 1 / Im z_c (docs/design.md,
 section 2): nothing is clamped. The causal g_i depends on v and b up to position i only (b_{i-1}
 joins i-1 and i), so couplings computed from the tokens <= i+1 keep g_i causal.
 
 `resolvent_features` is the reference path: all B*C chains in ONE call of the BK-core, complex
-numbers only inside it. A fused kernel that reads (B, N, C) directly is tested against it.
+numbers only inside it: the specification that a fused kernel reading (B, N, C) directly must
+match, values and gradients.
 `ResolventConfig` holds the options every ResNet-BK model takes (the same names everywhere).
 """
 

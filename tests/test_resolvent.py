@@ -437,3 +437,26 @@ def test_mix_compiles_without_graph_breaks():
     ref.square().sum().backward()
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(grad, layer.z_imag_raw.grad, atol=1e-6, rtol=1e-4)
+
+
+VARIANT_CONFIGS = ["quickstart.yaml", "act.yaml", "act_multiscale.yaml", "adaptive_length.yaml", "conditional_moe.yaml",
+                   "early_exit.yaml", "multiscale.yaml", "multiscale_hierarchical.yaml", "sparse_bk.yaml",
+                   "multiscale_sparse.yaml"]  # fmt: skip
+
+
+@pytest.mark.parametrize("config", VARIANT_CONFIGS)
+def test_every_variant_config_takes_the_options_by_name(config):
+    """The same option names reach every BK layer of every variant through its config."""
+    from fit_args import tiny_fit_args
+
+    from resnet_bk.cli import build
+
+    couplings = "laplacian" if "sparse" in config else "input"
+    options = {"resolvent.channels": 2, "resolvent.learn_z": "true", "resolvent.z_imag_max": 2.0,
+               "resolvent.couplings": couplings, "resolvent.gate": "silu"}  # fmt: skip
+    with tempfile.TemporaryDirectory() as root:
+        cli = build(["--config", str(CONFIGS / config), *tiny_fit_args(d_model=D, **options),
+                     "--trainer.default_root_dir", root])  # fmt: skip
+    layers = [m for m in cli.model.model.modules() if isinstance(m, BKLayer)]
+    want = ResolventConfig(channels=2, learn_z=True, z_imag_max=2.0, couplings=couplings, gate="silu")
+    assert layers and all(layer.resolvent == want for layer in layers)

@@ -74,8 +74,8 @@ def pack_kept(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 def run_table(alpha_s: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(rho_L, 1/U_L) for L = 0..max_len, closed form (see the module docstring).
 
-    alpha_s: complex scalar tensor (the a - z of a skipped site), Im alpha_s < 0.
-    Returns two complex (max_len + 1,) tensors, differentiable in alpha_s.
+    alpha_s: complex tensor, a scalar or (R, 1) (the a - z of a skipped site, per row), Im alpha_s < 0.
+    Returns two complex (max_len + 1,) or (R, max_len + 1) tensors, differentiable in alpha_s.
     """
     disc = torch.sqrt(alpha_s * alpha_s - 4)
     lam_a, lam_b = (alpha_s + disc) / 2, (alpha_s - disc) / 2
@@ -94,7 +94,7 @@ def reduced_green_diagonal(
     v_kept: torch.Tensor,
     run_lengths: torch.Tensor,
     v_skip: torch.Tensor | float,
-    z: complex = 1j,
+    z: complex | torch.Tensor = 1j,
     method: str = "scan",
 ) -> torch.Tensor:
     """Causal g at the kept positions of the chain H0 + diag(v), computed at length K.
@@ -106,7 +106,7 @@ def reduced_green_diagonal(
             `pack_kept`); 0 on padding.
         v_skip: real scalar (float or 0-dim tensor, may require grad): the potential at every skipped
             position.
-        z: spectral shift, Im z > 0.
+        z: spectral shift, Im z > 0: a Python complex, or a complex (B, 1) tensor (one per row).
         method: "scan" or "sequential" (bk_core's paths; the Triton kernel takes real couplings only).
     Returns:
         (B, K) complex (complex128 for float64 input, else complex64): g_{p_r} of the FULL causal
@@ -120,12 +120,16 @@ def reduced_green_diagonal(
     # The run table in double precision (a (K_max_run + 1,) vector: negligible), then cast down.
     v_s = v_skip.to(torch.float64) if isinstance(v_skip, torch.Tensor) else torch.tensor(float(v_skip), dtype=torch.float64)
     v_s = v_s.to(v_kept.device)
-    alpha_s = (-2.0 + v_s).to(torch.complex128) - complex(z)
+    z_table, z_kept = (z.to(torch.complex128), z.to(cdtype)) if isinstance(z, torch.Tensor) else (complex(z), complex(z))
+    alpha_s = (-2.0 + v_s).to(torch.complex128) - z_table
     max_run = int(run_lengths.max()) if run_lengths.numel() else 0
     rho_t, inv_u_t = (t.to(cdtype) for t in run_table(alpha_s, max_run))
-    rho, inv_u = rho_t[run_lengths], inv_u_t[run_lengths]  # (B, K) each
+    if rho_t.dim() == 1:
+        rho, inv_u = rho_t[run_lengths], inv_u_t[run_lengths]  # (B, K) each
+    else:  # one table per row
+        rho, inv_u = (torch.gather(t.expand(b, -1), 1, run_lengths) for t in (rho_t, inv_u_t))
 
-    alpha = (-2.0 + v_kept.to(real)).to(cdtype) - complex(z)
+    alpha = (-2.0 + v_kept.to(real)).to(cdtype) - z_kept
     alpha_red = alpha - rho  # alpha'_r
     k_red = inv_u[:, 1:].square()  # k'_{r-1} couples r-1 and r, r = 1..K-1
     beta = torch.cat([-rho[:, 1:], torch.zeros_like(rho[:, :1])], dim=1)  # beta_r = -rho_{L_{r+1}}

@@ -120,7 +120,7 @@ def test_seq_len_above_the_models_maximum(tmp_path, capsys):
 
 
 def test_im_z_not_positive(capsys):
-    line = fails(capsys, "fit", "--config", QUICKSTART, "--model.init_args.network.init_args.z_imag", "0.0")
+    line = fails(capsys, "fit", "--config", QUICKSTART, "--model.init_args.network.init_args.resolvent.z_imag", "0.0")
     assert "Im z must be > 0" in line
 
 

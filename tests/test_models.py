@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resnet_bk.layers import BKLayer
+from resnet_bk.layers import BKLayer, ResolventConfig
 from resnet_bk.models import LMOutput, ResNetBKLM, TransformerLM, count_parameters
 
 V, D, MAX_LEN = 50, 16, 64
@@ -74,13 +74,13 @@ def test_tied_head(name):
 
 
 def test_resolvent_bound_and_bad_z():
-    model = ResNetBKLM(V, d_model=D, n_layers=2, z_imag=2.0)
+    model = ResNetBKLM(V, d_model=D, n_layers=2, resolvent=ResolventConfig(z_imag=2.0))
     assert float(model(torch.randint(0, V, (2, 9))).stats["g_abs_mean"]) <= 0.5
-    for z in (-1j, 0j, 1.0 + 0j):
+    for z_imag in (-1.0, 0.0, float("nan")):
         with pytest.raises(ValueError, match="Im z"):
-            BKLayer(D, 2 * D, z=z)
+            ResolventConfig(z_imag=z_imag)
     with pytest.raises(ValueError, match="Im z"):
-        ResNetBKLM(V, z_imag=0.0)
+        ResolventConfig(channels=4, z_imag_max=0.0)
 
 
 def test_load_balance_gradient_reaches_router():

@@ -84,9 +84,8 @@ def run_bk_block(block: ResNetBKBlock, x: torch.Tensor, running: Optional[torch.
         else:
             h_run, aux, stats = block.bk.feed_forward(flat.index_select(0, idx))
             h = flat.index_copy(0, idx, h_run.to(flat.dtype)).view(b, n, d)
-    out, g = block.bk.mix(h)  # the whole sequence: the resolvent chain needs every position
-    stats = dict(stats)
-    stats["g_abs_mean"] = g.detach().abs().mean()
+    out, mix_stats = block.bk.mix(h)  # the whole sequence: the resolvent chain needs every position
+    stats = {**stats, **mix_stats}
     return x + out, aux, stats, rows
 
 

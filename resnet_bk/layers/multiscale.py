@@ -38,6 +38,7 @@ import torch.nn as nn
 from resnet_bk.layers.act import active_rows, run_bk_block
 from resnet_bk.layers.bk_layer import ResNetBKBlock
 from resnet_bk.layers.moe import Expert
+from resnet_bk.layers.resolvent import ResolventConfig
 
 Refine = Literal["bk", "mlp"]
 
@@ -120,7 +121,7 @@ class MultiScaleBlock(nn.Module):
     """(B, N, D) -> (x, aux_losses, stats, work); the simple or hierarchical multi-scale block.
 
     Args:
-        d_model, d_ff, num_experts, top_k, z, bk_scale, causal, dropout: as for ResNetBKBlock
+        d_model, d_ff, num_experts, top_k, resolvent, causal, dropout: as for ResNetBKBlock
             (every BK block here, at any resolution, has its own MoE feed-forward).
         hierarchical: False: N -> N/2 -> N; True: N -> N/2 -> N/4 -> N/2 -> N.
         refine: "bk", a ResNet-BK block at full resolution; "mlp", a position-wise MLP of width
@@ -138,8 +139,7 @@ class MultiScaleBlock(nn.Module):
         d_ff: int,
         num_experts: int = 4,
         top_k: int = 1,
-        z: complex = 1j,
-        bk_scale: float = 1.0,
+        resolvent: Optional[ResolventConfig] = None,
         causal: bool = True,
         dropout: float = 0.0,
         hierarchical: bool = False,
@@ -152,7 +152,7 @@ class MultiScaleBlock(nn.Module):
         self.hierarchical, self.refine_kind = hierarchical, refine
 
         def bk_block():
-            return ResNetBKBlock(d_model, d_ff, num_experts, top_k, z, bk_scale, causal, dropout)
+            return ResNetBKBlock(d_model, d_ff, num_experts, top_k, resolvent, causal, dropout)
 
         self.ln_down = nn.LayerNorm(d_model)
         self.down = CausalDownsample(d_model)

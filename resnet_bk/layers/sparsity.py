@@ -16,10 +16,10 @@ One layer, with x already layer-normed by the block:
     keep = train: sigmoid((l + logistic noise)/tau) > 0.5       (P(keep) = sigmoid(l) at any tau)
            eval:  l > threshold, threshold = EMA over training batches of the target_sparsity-
                   quantile of l (calibrated on training data; a per-position rule, no top-k)
-    rows = the kept positions, gathered:  h = MoE(x[rows]),  v = v_proj(h),
-           g = causal BK-core at the kept positions (core="reduced": the Schur-complement chain of
-               length K, resnet_bk.reduced_chain; core="full": the length-N chain with v_skip at the
-               skipped positions), y = h + bk_scale * g_proj([Re g, Im g])      (rows only)
+    rows = the kept positions, gathered:  h = MoE(x[rows]),  v = v_proj(h)  (T, C): C chains,
+           g = causal BK-core of each chain at the kept positions (core="reduced": the Schur-complement
+               chain of length K, resnet_bk.reduced_chain; core="full": the length-N chain with v_skip
+               at the skipped positions), y = BKLayer.read_out(h, [Re g, Im g])      (rows only)
     out  = m * scatter(y) + (1 - m) * Interp(scatter(y), keep)
            m = the hard mask (straight-through gradient to the soft mask in training)
     Interp: position t takes the output of the last kept position s < t (zero-order hold),
@@ -42,13 +42,14 @@ target_sparsity = 0 builds no predictor and runs exactly the dense BKLayer.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from resnet_bk.layers.bk_layer import BKLayer, ResNetBKBlock
+from resnet_bk.layers.resolvent import ResolventConfig
 from resnet_bk.reduced_chain import kept_green_diagonal_full, pack_kept, reduced_green_diagonal
 
 Core = Literal["reduced", "full"]
@@ -147,17 +148,22 @@ class SparseBKLayer(BKLayer):
     `tau` (attribute, default 1.0) is the Gumbel-sigmoid temperature (see set_temperature).
     """
 
-    def __init__(self, d_model: int, d_ff: int, num_experts: int = 4, top_k: int = 1, z: complex = 1j,
-                 bk_scale: float = 1.0, causal: bool = True, dropout: float = 0.0, target_sparsity: float = 0.5,
-                 core: Core = "reduced", predictor_kernel: int = 3, interp_kernel: int = 3,
-                 calibration_momentum: float = 0.9):
-        super().__init__(d_model, d_ff, num_experts, top_k, z, bk_scale, causal, dropout)
+    def __init__(self, d_model: int, d_ff: int, num_experts: int = 4, top_k: int = 1,
+                 resolvent: Optional[ResolventConfig] = None, causal: bool = True, dropout: float = 0.0,
+                 target_sparsity: float = 0.5, core: Core = "reduced", predictor_kernel: int = 3,
+                 interp_kernel: int = 3, calibration_momentum: float = 0.9):
+        super().__init__(d_model, d_ff, num_experts, top_k, resolvent, causal, dropout)
         if not 0.0 <= target_sparsity < 1.0:
             raise ValueError(f"SparseBKLayer: target_sparsity must be in [0, 1), got {target_sparsity}.")
         if core not in ("reduced", "full"):
             raise ValueError(f"SparseBKLayer: core must be 'reduced' or 'full', got {core!r}.")
         if target_sparsity > 0 and not causal:
             raise ValueError("SparseBKLayer: sparsity needs the causal core (causal=True).")
+        if target_sparsity > 0 and self.coupling_proj is not None:
+            raise ValueError(
+                "SparseBKLayer: input-dependent couplings need every position's state, and a skipped position "
+                "has none; use resolvent.couplings='laplacian' with target_sparsity > 0."
+            )
         self.target_sparsity, self.core, self.momentum = target_sparsity, core, calibration_momentum
         self.tau = 1.0
         self.last_rows, self.last_keep = 0, None
@@ -185,17 +191,25 @@ class SparseBKLayer(BKLayer):
         self.threshold.copy_(torch.where(self.calibrated, ema, q))
         self.calibrated.fill_(True)
 
-    def _core(self, v_rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Potentials of the kept rows (T,) in row-major order -> their g (T,) complex."""
+    def _features(self, v_rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Potentials of the kept rows (T, C) in row-major order -> their features (T, 2C),
+        [Re g_c, Im g_c] of each chain (C chains, each with every skipped site at v_skip)."""
         b, n = keep.shape
-        pos, valid, runs = pack_kept(keep)
-        v = torch.zeros(valid.shape, dtype=v_rows.dtype, device=v_rows.device).masked_scatter(valid, v_rows)
+        c = v_rows.shape[1]
+        pos, valid, runs = pack_kept(keep)  # (B, K) each
+        v = v_rows.new_zeros((*valid.shape, c)).masked_scatter(valid[..., None], v_rows)  # (B, K, C)
+        v = v.permute(0, 2, 1).reshape(b * c, -1)  # row b*C + c: channel c of sequence b
+        pos, valid_rows, runs = (t.repeat_interleave(c, dim=0) for t in (pos, valid, runs))
+        z = self.shift()
+        if isinstance(z, torch.Tensor):
+            z = z.repeat(b)[:, None]  # (B*C, 1)
         v_skip = self.v_skip.to(v.dtype)
         if self.core == "reduced":
-            g = reduced_green_diagonal(v, runs, v_skip, self.z)
+            g = reduced_green_diagonal(v, runs, v_skip, z)
         else:
-            g = kept_green_diagonal_full(v, pos, valid, n, v_skip, self.z)
-        return g[valid]
+            g = kept_green_diagonal_full(v, pos, valid_rows, n, v_skip, z)
+        g = g.view(b, c, -1).permute(0, 2, 1)[valid]  # (T, C)
+        return torch.view_as_real(g).reshape(-1, 2 * c)
 
     def forward(self, x: torch.Tensor):
         if self.predictor is None:
@@ -219,13 +233,12 @@ class SparseBKLayer(BKLayer):
         aux, stats = {}, {}
         if idx.numel() > 0:
             h, aux, stats = self.feed_forward(flat.index_select(0, idx))  # (T, D): kept rows only
-            v = self.v_proj(h).squeeze(-1)
+            v = self.v_proj(h)
             v = v.to(torch.promote_types(v.dtype, torch.float32))  # the core runs in >= float32
-            g = self._core(v, keep)
-            y = h + self.bk_scale * self.dropout(self.g_proj(torch.view_as_real(g).to(h.dtype)))
+            features = self._features(v, keep)
+            y = self.read_out(h, features)
             computed = flat.new_zeros(b * n, d).index_copy(0, idx, y.to(flat.dtype)).view(b, n, d)
-            stats = dict(stats)
-            stats["g_abs_mean"] = g.detach().abs().mean()
+            stats = {**stats, **self.mix_stats(features)}
         else:  # everything skipped: nothing computed, nothing to interpolate from
             computed = x.new_zeros(b, n, d)
         # Causal interpolation: hold the last kept output before t, then a left-padded conv.
@@ -248,12 +261,13 @@ class SparseBKLayer(BKLayer):
 class SparseResNetBKBlock(ResNetBKBlock):
     """Pre-norm residual block x + SparseBKLayer(LN(x)); args as SparseBKLayer."""
 
-    def __init__(self, d_model: int, d_ff: int, num_experts: int = 4, top_k: int = 1, z: complex = 1j,
-                 bk_scale: float = 1.0, causal: bool = True, dropout: float = 0.0, target_sparsity: float = 0.5,
-                 core: Core = "reduced", predictor_kernel: int = 3, interp_kernel: int = 3):
+    def __init__(self, d_model: int, d_ff: int, num_experts: int = 4, top_k: int = 1,
+                 resolvent: Optional[ResolventConfig] = None, causal: bool = True, dropout: float = 0.0,
+                 target_sparsity: float = 0.5, core: Core = "reduced", predictor_kernel: int = 3,
+                 interp_kernel: int = 3):
         nn.Module.__init__(self)
         self.ln = nn.LayerNorm(d_model)
-        self.bk = SparseBKLayer(d_model, d_ff, num_experts, top_k, z, bk_scale, causal, dropout, target_sparsity,
+        self.bk = SparseBKLayer(d_model, d_ff, num_experts, top_k, resolvent, causal, dropout, target_sparsity,
                                 core, predictor_kernel, interp_kernel)
 
 
@@ -280,14 +294,14 @@ class MultiScaleSparseBlock(nn.Module):
     resolvent value was computed: the kept ones, the reduced core's K) for r = 1, 2.
     """
 
-    def __init__(self, d_model: int, d_ff: int, num_experts: int = 4, top_k: int = 1, z: complex = 1j,
-                 bk_scale: float = 1.0, dropout: float = 0.0, target_sparsity: float = 0.5, core: Core = "reduced",
-                 predictor_kernel: int = 3, interp_kernel: int = 3):
+    def __init__(self, d_model: int, d_ff: int, num_experts: int = 4, top_k: int = 1,
+                 resolvent: Optional[ResolventConfig] = None, dropout: float = 0.0, target_sparsity: float = 0.5,
+                 core: Core = "reduced", predictor_kernel: int = 3, interp_kernel: int = 3):
         super().__init__()
         from resnet_bk.layers.multiscale import CausalDownsample, CausalUpsample
 
         def block():
-            return SparseResNetBKBlock(d_model, d_ff, num_experts, top_k, z, bk_scale, True, dropout,
+            return SparseResNetBKBlock(d_model, d_ff, num_experts, top_k, resolvent, True, dropout,
                                        target_sparsity, core, predictor_kernel, interp_kernel)
 
         self.ln_down = nn.LayerNorm(d_model)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from resnet_bk.layers.act import AdaptiveDepth, run_bk_block
+from resnet_bk.layers.resolvent import ResolventConfig
 from resnet_bk.models.output import LMOutput
 from resnet_bk.models.resnet_bk_lm import ResNetBKLM
 
@@ -44,16 +45,14 @@ class ACTResNetBKLM(ResNetBKLM):
         num_experts: int = 4,
         top_k: int = 1,
         max_seq_len: int = 1024,
-        z_real: float = 0.0,
-        z_imag: float = 1.0,
-        bk_scale: float = 1.0,
+        resolvent: ResolventConfig = ResolventConfig(),
         dropout: float = 0.0,
         causal: bool = True,
         act_threshold: float = 0.99,
         halt_bias_init: float = 1.0,
     ):
         super().__init__(
-            vocab_size, d_model, n_layers, d_ff, num_experts, top_k, max_seq_len, z_real, z_imag, bk_scale, dropout, causal
+            vocab_size, d_model, n_layers, d_ff, num_experts, top_k, max_seq_len, resolvent, dropout, causal
         )
         self.act = AdaptiveDepth(d_model, n_layers, act_threshold, halt_bias_init)
 

@@ -18,6 +18,7 @@ import torch
 
 from resnet_bk.layers.act import AdaptiveDepth
 from resnet_bk.layers.multiscale import Refine
+from resnet_bk.layers.resolvent import ResolventConfig
 from resnet_bk.models.multiscale_lm import MultiScaleLM, work_stats
 from resnet_bk.models.output import LMOutput
 
@@ -46,9 +47,7 @@ class ACTMultiScaleLM(MultiScaleLM):
         num_experts: int = 4,
         top_k: int = 1,
         max_seq_len: int = 1024,
-        z_real: float = 0.0,
-        z_imag: float = 1.0,
-        bk_scale: float = 1.0,
+        resolvent: ResolventConfig = ResolventConfig(),
         dropout: float = 0.0,
         causal: bool = True,
         act_threshold: float = 0.99,
@@ -56,7 +55,7 @@ class ACTMultiScaleLM(MultiScaleLM):
     ):
         super().__init__(
             vocab_size, d_model, n_blocks, hierarchical, refine, refine_d_ff, d_ff, num_experts, top_k,
-            max_seq_len, z_real, z_imag, bk_scale, dropout, causal,
+            max_seq_len, resolvent, dropout, causal,
         )  # fmt: skip
         self.act = AdaptiveDepth(d_model, n_blocks, act_threshold, halt_bias_init)  # after the base init
 

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from resnet_bk.layers.adaptive_length import BoundaryPredictor, boundary_prior_nll, causal_upsample, segment_pool
 from resnet_bk.layers.bk_layer import ResNetBKBlock
+from resnet_bk.layers.resolvent import ResolventConfig
 from resnet_bk.models.base import TiedEmbeddingLM
 from resnet_bk.models.output import LMOutput
 
@@ -33,7 +34,7 @@ class AdaptiveLengthLM(TiedEmbeddingLM):
     """input_ids (B, N) long -> LMOutput(logits (B, N, V), aux_losses, stats).
 
     Args:
-        vocab_size, d_model, d_ff, num_experts, top_k, max_seq_len, z_real, z_imag, bk_scale,
+        vocab_size, d_model, d_ff, num_experts, top_k, max_seq_len, resolvent,
             dropout, causal: as ResNetBKLM.
         n_pre, n_inner, n_post: ResNet-BK blocks before the pooling (full resolution), on the
             shortened sequence, and after the upsampling (full resolution). n_pre >= 1, so the
@@ -63,9 +64,7 @@ class AdaptiveLengthLM(TiedEmbeddingLM):
         num_experts: int = 4,
         top_k: int = 1,
         max_seq_len: int = 1024,
-        z_real: float = 0.0,
-        z_imag: float = 1.0,
-        bk_scale: float = 1.0,
+        resolvent: ResolventConfig = ResolventConfig(),
         dropout: float = 0.0,
         causal: bool = True,
         boundary_temperature: float = 1.0,
@@ -86,11 +85,10 @@ class AdaptiveLengthLM(TiedEmbeddingLM):
         d_ff = 4 * d_model if d_ff is None else d_ff
         self.causal = causal
         self.prior_rate, self.length_multiple = prior_rate, length_multiple
-        z = complex(z_real, z_imag)
 
         def blocks(n: int) -> nn.ModuleList:
             return nn.ModuleList(
-                ResNetBKBlock(d_model, d_ff, num_experts, top_k, z, bk_scale, causal, dropout) for _ in range(n)
+                ResNetBKBlock(d_model, d_ff, num_experts, top_k, resolvent, causal, dropout) for _ in range(n)
             )
 
         self.pre_blocks, self.inner_blocks, self.post_blocks = blocks(n_pre), blocks(n_inner), blocks(n_post)

@@ -16,6 +16,7 @@ import math
 import torch.nn as nn
 
 from resnet_bk.layers.conditional_moe import ConditionalMoEFeedForward
+from resnet_bk.layers.resolvent import ResolventConfig
 from resnet_bk.models.base import init_weights
 from resnet_bk.models.resnet_bk_lm import ResNetBKLM
 
@@ -42,15 +43,13 @@ class ConditionalMoELM(ResNetBKLM):
         min_experts: int = 1,
         max_experts: int | None = None,
         max_seq_len: int = 1024,
-        z_real: float = 0.0,
-        z_imag: float = 1.0,
-        bk_scale: float = 1.0,
+        resolvent: ResolventConfig = ResolventConfig(),
         dropout: float = 0.0,
         causal: bool = True,
     ):
         # Build the plain model with one expert per layer (cheap), then swap in the routed MoE.
         super().__init__(
-            vocab_size, d_model, n_layers, d_ff, 1, 1, max_seq_len, z_real, z_imag, bk_scale, dropout, causal
+            vocab_size, d_model, n_layers, d_ff, 1, 1, max_seq_len, resolvent, dropout, causal
         )
         d_ff = 4 * d_model if d_ff is None else d_ff
         for block in self.blocks:

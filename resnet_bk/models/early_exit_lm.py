@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from resnet_bk.layers.early_exit import Confidence, confidence
+from resnet_bk.layers.resolvent import ResolventConfig
 from resnet_bk.models.output import LMOutput
 from resnet_bk.models.resnet_bk_lm import ResNetBKLM
 
@@ -71,9 +72,7 @@ class EarlyExitLM(ResNetBKLM):
         num_experts: int = 4,
         top_k: int = 1,
         max_seq_len: int = 1024,
-        z_real: float = 0.0,
-        z_imag: float = 1.0,
-        bk_scale: float = 1.0,
+        resolvent: ResolventConfig = ResolventConfig(),
         dropout: float = 0.0,
         causal: bool = True,
         exit_threshold: float | None = None,
@@ -88,9 +87,7 @@ class EarlyExitLM(ResNetBKLM):
             num_experts,
             top_k,
             max_seq_len,
-            z_real,
-            z_imag,
-            bk_scale,
+            resolvent,
             dropout,
             causal,
         )

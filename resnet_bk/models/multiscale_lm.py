@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from resnet_bk.layers.bk_layer import ResNetBKBlock
 from resnet_bk.layers.multiscale import MLPRefine, MultiScaleBlock, Refine
+from resnet_bk.layers.resolvent import ResolventConfig
 from resnet_bk.models.base import TiedEmbeddingLM
 from resnet_bk.models.output import LMOutput
 
@@ -40,7 +41,7 @@ class MultiScaleLM(TiedEmbeddingLM):
         hierarchical: False: N -> N/2 -> N blocks; True: N -> N/2 -> N/4 -> N/2 -> N.
         refine: "bk" (a ResNet-BK block at full resolution) or "mlp" (position-wise MLP).
         refine_d_ff: hidden width of the "mlp" refinement (default d_ff).
-        d_ff, num_experts, top_k, max_seq_len, z_real, z_imag, bk_scale, dropout, causal: as for
+        d_ff, num_experts, top_k, max_seq_len, resolvent, dropout, causal: as for
             ResNetBKLM; every ResNet-BK block at any resolution has its own MoE feed-forward.
 
     aux_losses: {"load_balance": mean over BK blocks} (empty when num_experts = 1), unweighted.
@@ -61,9 +62,7 @@ class MultiScaleLM(TiedEmbeddingLM):
         num_experts: int = 4,
         top_k: int = 1,
         max_seq_len: int = 1024,
-        z_real: float = 0.0,
-        z_imag: float = 1.0,
-        bk_scale: float = 1.0,
+        resolvent: ResolventConfig = ResolventConfig(),
         dropout: float = 0.0,
         causal: bool = True,
     ):
@@ -72,9 +71,8 @@ class MultiScaleLM(TiedEmbeddingLM):
             raise ValueError(f"{type(self).__name__}: n_blocks must be >= 1, got {n_blocks}.")
         d_ff = 4 * d_model if d_ff is None else d_ff
         self.causal = causal
-        z = complex(z_real, z_imag)
         self.blocks = nn.ModuleList(
-            MultiScaleBlock(d_model, d_ff, num_experts, top_k, z, bk_scale, causal, dropout, hierarchical, refine, refine_d_ff)
+            MultiScaleBlock(d_model, d_ff, num_experts, top_k, resolvent, causal, dropout, hierarchical, refine, refine_d_ff)
             for _ in range(n_blocks)
         )
         # Residual blocks at every resolution count, as in a plain stack of that many blocks.

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from resnet_bk.layers.bk_layer import ResNetBKBlock
+from resnet_bk.layers.resolvent import ResolventConfig
 from resnet_bk.models.base import TiedEmbeddingLM
 from resnet_bk.models.output import LMOutput
 
@@ -32,15 +33,17 @@ class ResNetBKLM(TiedEmbeddingLM):
             For equal-parameter comparisons use resnet_bk.models.count_parameters.
         num_experts, top_k: MoE routing; num_experts=1 is a plain MLP.
         max_seq_len: size of the learned position embedding; longer inputs raise ValueError.
-        z_real, z_imag: spectral shift z = z_real + i z_imag of the resolvent; z_imag must be > 0.
-        bk_scale: weight of the resolvent features in each layer's output.
+        resolvent: the resolvent mixing of every layer (resnet_bk.layers.ResolventConfig): channels,
+            the shift z (fixed, spread or learned), Laplacian or input-dependent couplings, output
+            gate, bk_scale. The default is the seeds' layer (one chain, Laplacian, z = i).
         dropout: dropout on embeddings, expert outputs and resolvent features.
         causal: True (default) uses the causal core g_i, so logits at position t depend on tokens
             0..t only. False uses the full resolvent diagonal G_ii, which depends on EVERY position:
             it leaks the future and is only for non-autoregressive use; never report its perplexity.
 
     aux_losses: {"load_balance": mean over layers} (empty when num_experts=1), unweighted.
-    stats: detached means over layers: "g_abs_mean" (mean |G|, bounded by 1 / z_imag), expert loads.
+    stats: detached means over layers: "g_abs_mean" (mean |g|, bounded by 1 / min Im z), expert loads,
+        and with a per-channel z "z_imag_min", "z_imag_mean", "z_imag_max", "z_real_mean".
     """
 
     def __init__(
@@ -52,18 +55,15 @@ class ResNetBKLM(TiedEmbeddingLM):
         num_experts: int = 4,
         top_k: int = 1,
         max_seq_len: int = 1024,
-        z_real: float = 0.0,
-        z_imag: float = 1.0,
-        bk_scale: float = 1.0,
+        resolvent: ResolventConfig = ResolventConfig(),
         dropout: float = 0.0,
         causal: bool = True,
     ):
         super().__init__(vocab_size, d_model, max_seq_len, dropout)
         d_ff = 4 * d_model if d_ff is None else d_ff
         self.causal = causal
-        z = complex(z_real, z_imag)
         self.blocks = nn.ModuleList(
-            ResNetBKBlock(d_model, d_ff, num_experts, top_k, z, bk_scale, causal, dropout) for _ in range(n_layers)
+            ResNetBKBlock(d_model, d_ff, num_experts, top_k, resolvent, causal, dropout) for _ in range(n_layers)
         )
         self.init_weights(n_residual=n_layers)
 

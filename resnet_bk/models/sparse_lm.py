@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from resnet_bk.layers.bk_layer import ResNetBKBlock
 from resnet_bk.layers.multiscale import MLPRefine
+from resnet_bk.layers.resolvent import ResolventConfig
 from resnet_bk.layers.sparsity import Core, MultiScaleSparseBlock, SparseResNetBKBlock, set_temperature, sparse_layers
 from resnet_bk.models.multiscale_lm import MultiScaleLM
 from resnet_bk.models.output import LMOutput
@@ -55,16 +56,15 @@ class SparseResNetBKLM(ResNetBKLM):
     """
 
     def __init__(self, vocab_size: int, d_model: int = 128, n_layers: int = 4, d_ff: Optional[int] = None,
-                 num_experts: int = 4, top_k: int = 1, max_seq_len: int = 1024, z_real: float = 0.0,
-                 z_imag: float = 1.0, bk_scale: float = 1.0, dropout: float = 0.0, target_sparsity: float = 0.5,
+                 num_experts: int = 4, top_k: int = 1, max_seq_len: int = 1024,
+                 resolvent: ResolventConfig = ResolventConfig(), dropout: float = 0.0, target_sparsity: float = 0.5,
                  core: Core = "reduced", predictor_kernel: int = 3, interp_kernel: int = 3):
-        super().__init__(vocab_size, d_model, n_layers, d_ff, num_experts, top_k, max_seq_len, z_real, z_imag,
-                         bk_scale, dropout, causal=True)
+        super().__init__(vocab_size, d_model, n_layers, d_ff, num_experts, top_k, max_seq_len, resolvent,
+                         dropout, causal=True)
         d_ff = 4 * d_model if d_ff is None else d_ff
-        z = complex(z_real, z_imag)
         self.target_sparsity = target_sparsity
         self.blocks = nn.ModuleList(
-            SparseResNetBKBlock(d_model, d_ff, num_experts, top_k, z, bk_scale, True, dropout, target_sparsity,
+            SparseResNetBKBlock(d_model, d_ff, num_experts, top_k, resolvent, True, dropout, target_sparsity,
                                 core, predictor_kernel, interp_kernel)
             for _ in range(n_layers)
         )
@@ -102,16 +102,15 @@ class MultiScaleSparseLM(MultiScaleLM):
     SparseResNetBKLM. Stats add "ffn_rows/res<r>", "mix_tokens/res<r>" per input position."""
 
     def __init__(self, vocab_size: int, d_model: int = 128, n_blocks: int = 2, d_ff: Optional[int] = None,
-                 num_experts: int = 4, top_k: int = 1, max_seq_len: int = 1024, z_real: float = 0.0,
-                 z_imag: float = 1.0, bk_scale: float = 1.0, dropout: float = 0.0, target_sparsity: float = 0.5,
+                 num_experts: int = 4, top_k: int = 1, max_seq_len: int = 1024,
+                 resolvent: ResolventConfig = ResolventConfig(), dropout: float = 0.0, target_sparsity: float = 0.5,
                  core: Core = "reduced", predictor_kernel: int = 3, interp_kernel: int = 3):
         super().__init__(vocab_size, d_model, n_blocks, False, "bk", None, d_ff, num_experts, top_k, max_seq_len,
-                         z_real, z_imag, bk_scale, dropout, True)
+                         resolvent, dropout, True)
         d_ff = 4 * d_model if d_ff is None else d_ff
-        z = complex(z_real, z_imag)
         self.target_sparsity = target_sparsity
         self.blocks = nn.ModuleList(
-            MultiScaleSparseBlock(d_model, d_ff, num_experts, top_k, z, bk_scale, dropout, target_sparsity, core,
+            MultiScaleSparseBlock(d_model, d_ff, num_experts, top_k, resolvent, dropout, target_sparsity, core,
                                   predictor_kernel, interp_kernel)
             for _ in range(n_blocks)
         )

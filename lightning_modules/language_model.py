@@ -394,8 +394,11 @@ class LanguageModel(L.LightningModule):
 
     # ------------------------------------------------------------------------------ optimizer
     def configure_optimizers(self) -> dict[str, Any]:
+        # Fused AdamW (one kernel for every tensor) on CUDA, unless fp16 AMP's GradScaler must unscale first.
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+        self._fused_adamw = self.device.type == "cuda" and scaler is None
         optimizer = torch.optim.AdamW(
-            weight_decay_groups(self, self.weight_decay), lr=self.lr, betas=self.betas, fused=self.device.type == "cuda"
+            weight_decay_groups(self, self.weight_decay), lr=self.lr, betas=self.betas, fused=self._fused_adamw
         )
         total_steps = self.trainer.estimated_stepping_batches
         if not math.isfinite(total_steps):
@@ -405,6 +408,17 @@ class LanguageModel(L.LightningModule):
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning refuses to clip for a fused optimizer, since fp16 AMP would have to unscale first;
+        without a GradScaler (bf16, fp32) nothing is scaled, so clip directly."""
+        if not getattr(self, "_fused_adamw", False) or not gradient_clip_val:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
 
     # -------------------------------------------------------------------------------- hparams
     def on_fit_start(self) -> None:

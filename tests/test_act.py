@@ -67,14 +67,14 @@ def _count_calls(model: ACTResNetBKLM):
     for i, block in enumerate(model.blocks):
         ff, mix = block.bk.feed_forward, block.bk.mix
 
-        def counted_ff(x, i=i, ff=ff):
+        def counted_ff(x, gathered=None, i=i, ff=ff):
             counts[i][0] += 1
             counts[i][1] += x.reshape(-1, x.shape[-1]).shape[0]
-            return ff(x)
+            return ff(x, gathered)
 
-        def counted_mix(h, i=i, mix=mix):
+        def counted_mix(h, gathered=None, i=i, mix=mix):
             counts[i][2] += 1
-            return mix(h)
+            return mix(h, gathered)
 
         block.bk.feed_forward, block.bk.mix = counted_ff, counted_mix
     return counts

@@ -111,6 +111,20 @@ def segment_pool(x: torch.Tensor, b: torch.Tensor, length_multiple: int = 1):
     return z.view(bsz, k_pad, d), closed, k_pad
 
 
+def segment_close_positions(b: torch.Tensor, k_pad: int) -> torch.Tensor:
+    """(b (B, N) 0/1 boundaries, K_pad) -> (B * K_pad,) long: the flat position (row * N + c_j) in
+    the (B, N) grid of each pooled slot's closing position c_j; padding slots get the row's last
+    position. With these, the inner blocks draw dropout per closing position (layers.dropout), so a
+    segment's mask does not depend on how many segments the batch has."""
+    bsz, n = b.shape
+    hard = (b.detach() > 0.5).long()
+    seg = hard.cumsum(1) - hard  # (B, N) segment of each position
+    slot = torch.where((hard > 0) & (seg < k_pad), seg, torch.full_like(seg, k_pad))  # others: a spare slot
+    pos = torch.full((bsz, k_pad + 1), n - 1, dtype=torch.long, device=b.device)
+    pos.scatter_(1, slot, torch.arange(n, device=b.device).expand(bsz, n))
+    return (pos[:, :k_pad] + n * torch.arange(bsz, device=b.device).unsqueeze(1)).reshape(-1)
+
+
 def causal_upsample(y: torch.Tensor, b: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
     """(y (B, K_pad, D) inner outputs, b (B, N) boundaries, null (D,)) -> u (B, N, D).
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from resnet_bk.bk_core import green_diagonal, laplacian_couplings
+from resnet_bk.layers.dropout import Gathered, PositionDropout
 from resnet_bk.layers.moe import MoEFeedForward
 
 
@@ -52,14 +53,16 @@ class BKLayer(nn.Module):
         self.moe = MoEFeedForward(d_model, d_ff, num_experts, top_k, dropout)
         self.v_proj = nn.Linear(d_model, 1)
         self.g_proj = nn.Linear(2, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = PositionDropout(dropout)
 
-    def feed_forward(self, x: torch.Tensor):
-        """(..., D) -> (h (..., D), aux_losses, stats); each position on its own."""
-        return self.moe(x)
+    def feed_forward(self, x: torch.Tensor, gathered: Gathered | None = None):
+        """(..., D) -> (h (..., D), aux_losses, stats); each position on its own. gathered:
+        (index, G) when x holds rows gathered from a grid of G positions (dropout draws the grid)."""
+        return self.moe(x, gathered)
 
-    def mix(self, h: torch.Tensor):
-        """(B, N, D) -> (h + bk_scale * features of G (B, N, D), G (B, N) complex)."""
+    def mix(self, h: torch.Tensor, gathered: Gathered | None = None):
+        """(B, N, D) -> (h + bk_scale * features of G (B, N, D), G (B, N) complex). gathered: when h's
+        B * N positions are gathered from a larger grid (as for feed_forward)."""
         b, n, _ = h.shape
         v = self.v_proj(h).squeeze(-1)  # (B, N)
         # The core runs in at least float32 (under autocast v may be bf16; -2 + v would lose digits).
@@ -68,11 +71,11 @@ class BKLayer(nn.Module):
         # Shapes, dtypes and Im z are right by construction; skip the validation's host sync.
         g = green_diagonal(h0 + v, sub, sup, self.z, self.causal, validate=False)
         features = self.g_proj(torch.view_as_real(g).to(h.dtype))  # (B, N, 2) = [Re G, Im G]
-        return h + self.bk_scale * self.dropout(features), g
+        return h + self.bk_scale * self.dropout(features, gathered), g
 
-    def forward(self, x: torch.Tensor):
-        h, aux_losses, stats = self.feed_forward(x)
-        out, g = self.mix(h)
+    def forward(self, x: torch.Tensor, gathered: Gathered | None = None):
+        h, aux_losses, stats = self.feed_forward(x, gathered)
+        out, g = self.mix(h, gathered)
         stats["g_abs_mean"] = g.detach().abs().mean()
         return out, aux_losses, stats
 
@@ -86,6 +89,6 @@ class ResNetBKBlock(nn.Module):
         self.ln = nn.LayerNorm(d_model)
         self.bk = BKLayer(d_model, d_ff, num_experts, top_k, z, bk_scale, causal, dropout)
 
-    def forward(self, x: torch.Tensor):
-        out, aux_losses, stats = self.bk(self.ln(x))
+    def forward(self, x: torch.Tensor, gathered: Gathered | None = None):
+        out, aux_losses, stats = self.bk(self.ln(x), gathered)
         return x + out, aux_losses, stats

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from resnet_bk.layers.dropout import Gathered, PositionDropout
 from resnet_bk.layers.moe import Expert
 
 
@@ -88,10 +89,10 @@ class ConditionalMoEFeedForward(nn.Module):
         self.min_experts, self.max_experts = min_experts, max_experts
         self.router = nn.Linear(d_model, num_experts, bias=False)
         self.experts = nn.ModuleList(Expert(d_model, d_ff) for _ in range(num_experts))
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = PositionDropout(dropout)
         self.last_rows_per_expert: list[int] = []
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, gathered: Gathered | None = None):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (T, D)
         probs = F.softmax(self.router(x).float(), dim=-1)  # (T, E); float: the cumsum decides k
@@ -120,4 +121,4 @@ class ConditionalMoEFeedForward(nn.Module):
         stats["expert_load_max"] = f.max()
         stats["experts_per_token"] = counts_t.sum().to(probs.dtype) / max(x.shape[0], 1)
         aux_losses = {"load_balance": load_balance, "compute": compute}
-        return self.dropout(out).reshape(shape), aux_losses, stats
+        return self.dropout(out, gathered).reshape(shape), aux_losses, stats

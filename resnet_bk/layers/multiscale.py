@@ -37,6 +37,7 @@ import torch.nn as nn
 
 from resnet_bk.layers.act import active_rows, run_bk_block
 from resnet_bk.layers.bk_layer import ResNetBKBlock
+from resnet_bk.layers.dropout import PositionDropout
 from resnet_bk.layers.moe import Expert
 
 Refine = Literal["bk", "mlp"]
@@ -93,7 +94,7 @@ class MLPRefine(nn.Module):
         super().__init__()
         self.ln = nn.LayerNorm(d_model)
         self.mlp = Expert(d_model, d_ff)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = PositionDropout(dropout)
 
     def forward(self, x: torch.Tensor, running: Optional[torch.Tensor] = None):
         """-> (x + MLP(LN(x)) at the running rows (x elsewhere), rows run)."""
@@ -103,9 +104,10 @@ class MLPRefine(nn.Module):
             return x + self.dropout(self.mlp(self.ln(x))), b * n
         flat = x.reshape(b * n, d)
         if idx.numel() == 0:
+            self.dropout.consume(b * n, d, x)  # the stream after this does not depend on it
             return x, 0
         rows = flat.index_select(0, idx)
-        y = rows + self.dropout(self.mlp(self.ln(rows)))
+        y = rows + self.dropout(self.mlp(self.ln(rows)), (idx, b * n))
         return flat.index_copy(0, idx, y.to(flat.dtype)).view(b, n, d), idx.numel()
 
 

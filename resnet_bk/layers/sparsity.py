@@ -49,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from resnet_bk.layers.bk_layer import BKLayer, ResNetBKBlock
+from resnet_bk.layers.dropout import Gathered, consume_dropout
 from resnet_bk.reduced_chain import kept_green_diagonal_full, pack_kept, reduced_green_diagonal
 
 Core = Literal["reduced", "full"]
@@ -197,7 +198,9 @@ class SparseBKLayer(BKLayer):
             g = kept_green_diagonal_full(v, pos, valid, n, v_skip, self.z)
         return g[valid]
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, gathered: Gathered | None = None):
+        if gathered is not None:
+            raise ValueError("SparseBKLayer: runs on whole sequences; it cannot run on gathered rows.")
         if self.predictor is None:
             out, aux, stats = super().forward(x)
             self.last_rows, self.last_keep = x.shape[0] * x.shape[1], None
@@ -218,16 +221,18 @@ class SparseBKLayer(BKLayer):
         flat = x.reshape(b * n, d)
         aux, stats = {}, {}
         if idx.numel() > 0:
-            h, aux, stats = self.feed_forward(flat.index_select(0, idx))  # (T, D): kept rows only
+            gathered = (idx, b * n)  # dropout masks are drawn for all B * N positions (layers.dropout)
+            h, aux, stats = self.feed_forward(flat.index_select(0, idx), gathered)  # (T, D): kept rows only
             v = self.v_proj(h).squeeze(-1)
             v = v.to(torch.promote_types(v.dtype, torch.float32))  # the core runs in >= float32
             g = self._core(v, keep)
-            y = h + self.bk_scale * self.dropout(self.g_proj(torch.view_as_real(g).to(h.dtype)))
+            y = h + self.bk_scale * self.dropout(self.g_proj(torch.view_as_real(g).to(h.dtype)), gathered)
             computed = flat.new_zeros(b * n, d).index_copy(0, idx, y.to(flat.dtype)).view(b, n, d)
             stats = dict(stats)
             stats["g_abs_mean"] = g.detach().abs().mean()
         else:  # everything skipped: nothing computed, nothing to interpolate from
             computed = x.new_zeros(b, n, d)
+            consume_dropout(self, b * n, d, x)  # the stream after this does not depend on it
         # Causal interpolation: hold the last kept output before t, then a left-padded conv.
         last = last_kept_before(keep)
         hold = torch.gather(computed, 1, last.clamp_min(0)[..., None].expand(b, n, d))

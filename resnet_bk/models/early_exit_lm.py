@@ -141,7 +141,7 @@ class EarlyExitLM(ResNetBKLM):
         self.last_ffn_rows = []
         for i, block in enumerate(self.blocks):
             x_active = x.index_select(0, active)
-            h_active, aux, stats = block.bk.feed_forward(block.ln(x_active))
+            h_active, aux, stats = block.bk.feed_forward(block.ln(x_active), (active, b * n))
             self.last_ffn_rows.append(active.numel())
             _accumulate(sums, aux, stats)
             h = h_active if h is None else h.index_copy(0, active, h_active.to(h.dtype))

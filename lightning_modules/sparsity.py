@@ -52,6 +52,7 @@ class SparseLanguageModel(FlopCountingLanguageModel):
         self._val_start, self._val_tokens = None, 0
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)  # the per-step RNG seeding of exact resume
         tau = annealed_tau(self.global_step, self.tau_start, self.tau_end, self.tau_anneal_steps)
         set_temperature(self.model, tau)
         self.log("train/tau", tau, batch_size=1)

@@ -313,7 +313,7 @@ def exit_sweep(module, calib, x, val_x, val_y, args, device) -> list[dict]:
     model, rows = module.model, []
     for target in args.sweep_disagreement:
         threshold = calibrate_threshold(calib[0], calib[1], module.thresholds, target)
-        model.exit_threshold.fill_(threshold)
+        model.set_exit_threshold(threshold)
         ppl, stats = evaluate(model, val_x, val_y, args.eval_batch_size, device, args.amp)
         with torch.no_grad():
             total, head = count_flops(lambda: model(x))
@@ -331,7 +331,7 @@ def exit_sweep(module, calib, x, val_x, val_y, args, device) -> list[dict]:
                 ),
             }
         )
-    model.exit_threshold.fill_(math.nan)
+    model.set_exit_threshold(None)
     return rows
 
 

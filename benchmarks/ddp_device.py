@@ -70,7 +70,8 @@ def run(config: str, devices: int, args, tag: str, timeout: float) -> dict:
         sys.executable, "-m", "resnet_bk", "fit", "--config", str(ROOT / "configs" / f"{config}.yaml"),
         "--trainer.devices", str(devices), "--trainer.max_steps", str(args.steps),
         "--trainer.val_check_interval", str(args.steps), "--trainer.check_val_every_n_epoch", "null",
-        "--trainer.limit_val_batches", str(max(1, args.val_batches // devices)),  # per rank: the same windows "--trainer.num_sanity_val_steps", "0",
+        "--trainer.limit_val_batches", str(max(1, args.val_batches // devices)),  # per rank: the same windows
+        "--trainer.num_sanity_val_steps", "0",
         "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(Path(args.work) / "runs" / tag),
         "--trainer.callbacks+=benchmarks.ddp_device.StepTimer",
         "--data.init_args.batch_size", str(batch), "--data.init_args.eval_batch_size", "16",

@@ -60,7 +60,7 @@ from resnet_bk.reduced_chain import kept_green_diagonal_full, pack_kept, reduced
 
 
 def annealed_tau(step: int, tau_start: float, tau_end: float, anneal_steps: int) -> float:
-    """lightning_modules.sparsity.annealed_tau (inline: the device may lack Lightning)."""
+    """callbacks.sparsity_temperature.annealed_tau (inline: the device may lack Lightning)."""
     frac = min(1.0, step / anneal_steps) if anneal_steps > 0 else 1.0
     return tau_start * (tau_end / tau_start) ** frac
 

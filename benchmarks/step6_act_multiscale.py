@@ -48,7 +48,7 @@ from resnet_bk.models.resnet_bk_lm import ResNetBKLM  # noqa: E402
 IGNORE_INDEX = -100
 
 try:
-    from lightning_modules.flops import flop_breakdown
+    from callbacks.flops import flop_breakdown
 except ImportError:  # no Lightning on this machine: the same count, without the module around it
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -45,8 +45,6 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules.wikitext import IGNORE_INDEX, TokenWindows, WikiTextDataModule
-from lightning_modules.adaptive_length import AdaptiveLengthLanguageModel
-from lightning_modules.conditional_moe import ConditionalMoELanguageModel
 from lightning_modules.early_exit import EarlyExitLanguageModel
 from lightning_modules.language_model import LanguageModel, warmup_cosine, weight_decay_groups
 from resnet_bk import bk_core
@@ -63,9 +61,9 @@ def variants(args) -> dict:
     return {
         "resnet_bk": (LanguageModel, partial(ResNetBKLM, n_layers=args.n_layers, top_k=1, **common), {}),
         "conditional_moe": (
-            ConditionalMoELanguageModel,
+            LanguageModel,
             partial(ConditionalMoELM, n_layers=args.n_layers, top_p=args.top_p, min_experts=1, max_experts=2, **common),
-            {"compute_weight": args.compute_weight},
+            {"aux_loss_weights": {"load_balance": 0.01, "compute": args.compute_weight}},
         ),
         "early_exit": (
             EarlyExitLanguageModel,
@@ -73,7 +71,7 @@ def variants(args) -> dict:
             {"exit_loss_weight": args.exit_loss_weight, "max_disagreement": args.max_disagreement},
         ),
         "adaptive_length": (
-            AdaptiveLengthLanguageModel,
+            LanguageModel,
             partial(
                 AdaptiveLengthLM,
                 n_pre=1,
@@ -85,10 +83,10 @@ def variants(args) -> dict:
                 length_multiple=8,
                 **common,
             ),
-            {"length_weight": args.length_weight},
+            {"aux_loss_weights": {"load_balance": 0.01, "length": args.length_weight}},
         ),
         "adaptive_length_prior": (
-            AdaptiveLengthLanguageModel,
+            LanguageModel,
             partial(
                 AdaptiveLengthLM,
                 n_pre=1,
@@ -100,7 +98,7 @@ def variants(args) -> dict:
                 length_multiple=8,
                 **common,
             ),
-            {"boundary_prior_weight": args.boundary_prior_weight},
+            {"aux_loss_weights": {"load_balance": 0.01, "boundary_prior": args.boundary_prior_weight}},
         ),
     }
 
@@ -271,7 +269,7 @@ def run_variant(name, spec, vocab_size, windows, val_x, val_y, args, device) -> 
             model, val_x, val_y, args.eval_batch_size, device, args.amp, exits=False
         )
         result["val_ppl_exit_cost"] = ppl / result["val_ppl_all_layers"]
-    if isinstance(module, AdaptiveLengthLanguageModel):
+    if isinstance(model, AdaptiveLengthLM):
         model.boundary.eval_sampling = True
         torch.manual_seed(args.seed)
         result["val_ppl_sampled_boundaries"], result["val_stats_sampled_boundaries"] = evaluate(
@@ -296,7 +294,7 @@ def run_variant(name, spec, vocab_size, windows, val_x, val_y, args, device) -> 
             model, val_x, args.eval_batch_size, device, args.amp, args.infer_batches, exits=False
         )
         result["exit_sweep"] = exit_sweep(module, calib, x, val_x, val_y, args, device)
-    if isinstance(module, AdaptiveLengthLanguageModel):
+    if isinstance(model, AdaptiveLengthLM):
         model.boundary.eval_sampling = True
         with torch.no_grad():
             total, head = count_flops(lambda: model(x))

@@ -184,7 +184,7 @@ def test_act_multiscale_config_trains_two_steps():
 
     with tempfile.TemporaryDirectory() as root:
         cli = build(["--config", str(CONFIGS / "act_multiscale.yaml"), *_TINY, "--trainer.default_root_dir", root,
-                     "--model.init_args.network.init_args.n_blocks", "2"])
+                     "--model.init_args.network.init_args.n_blocks", "2", "--trainer.callbacks+=callbacks.FlopsPerToken"])
         cli.trainer.fit(cli.model, cli.datamodule)
     metrics = cli.trainer.callback_metrics
     assert cli.trainer.global_step == 2

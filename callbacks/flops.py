@@ -24,7 +24,7 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 

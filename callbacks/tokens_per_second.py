@@ -12,7 +12,7 @@ FlopsPerToken's counted pass, is included).
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 import torch
@@ -22,8 +22,8 @@ class TokensPerSecond(L.Callback):
     """Logs train/tokens_per_s (every training batch) and val/tokens_per_s (every validation epoch)."""
 
     def __init__(self) -> None:
-        self._last_batch_end: Optional[float] = None
-        self._val_start: Optional[float] = None
+        self._last_batch_end: float | None = None
+        self._val_start: float | None = None
         self._val_tokens = 0
 
     def on_train_batch_end(

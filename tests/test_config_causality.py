@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fit_args import tiny_fit_args
+
 from resnet_bk.cli import build
 
 CONFIGS = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))

@@ -25,7 +25,7 @@ TINY = [
     "--data.init_args.max_train_tokens", "1000",  # 62 windows: 16 batches per epoch, the last one short
 ]  # fmt: skip
 MAX_STEPS, KILL_AT, EVERY = 20, 13, 5  # killed mid-epoch 1 after the step-10 checkpoint; epoch 2 starts at 16
-SHORT = dict(max_steps=6, every=3, val_every=4)  # the other configs: killed at 5, after the step-3 checkpoint
+SHORT = {"max_steps": 6, "every": 3, "val_every": 4}  # the other configs: killed at 5, after the step-3 checkpoint
 
 
 def depth_args(config: str) -> list[str]:

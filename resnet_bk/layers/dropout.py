@@ -15,10 +15,8 @@ have drawn, for code paths that skip a layer on a data-dependent condition.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-import torch.nn as nn
+from torch import nn
 
 #: Gathered rows: (flat indices (T,) long into a grid of G positions, G).
 Gathered = tuple[torch.Tensor, int]
@@ -31,7 +29,7 @@ class PositionDropout(nn.Dropout):
     the T gathered rows, x.numel() == T * D, index (T,) their flat positions in the grid.
     """
 
-    def forward(self, x: torch.Tensor, gathered: Optional[Gathered] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gathered: Gathered | None = None) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
         if self.p == 1.0:

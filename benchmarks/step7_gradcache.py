@@ -4,7 +4,7 @@ Runs, one after another in ONE process on ONE device, the same ResNet-BK on the 
 the same seed, data order and number of training batches (the budget):
 
     automatic      lightning_modules.LanguageModel, Lightning's automatic loop (the baseline)
-    cache@T        lightning_modules.gradient_caching.GradientCachingLanguageModel, threshold T
+    cache@T        lightning_modules.gradient_caching_module.GradientCachingLanguageModel, threshold T
 
 for several thresholds T, one of them above 1 (nothing can hit: it must match the baseline, and it
 shows what the cache's bookkeeping costs). Clipping (norm 1.0) and the warmup + cosine schedule are
@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from datamodules.wikitext import WikiTextDataModule  # noqa: E402
-from lightning_modules.gradient_caching import GradientCachingLanguageModel  # noqa: E402
+from lightning_modules.gradient_caching_module import GradientCachingLanguageModel  # noqa: E402
 from lightning_modules.language_model import LanguageModel  # noqa: E402
 from resnet_bk.models import ResNetBKLM  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Step 6 measured: ACT, multi-scale (simple, hierarchical) and ACT over multi-scale against the
 plain ResNet-BK, at about equal parameter count and exactly equal token budget, in one run on one
-device (DESIGN section 4: wall-clock, executed FLOPs, token-weighted perplexity).
+device (docs/design.md section 4: wall-clock, executed FLOPs, token-weighted perplexity).
 
     python benchmarks/step6_act_multiscale.py --device cuda --steps 1000 --out benchmarks/results
 

@@ -11,7 +11,7 @@ hyper-parameters), the Step-6 techniques it uses, and overrides. Variants whose 
 this checkout (e.g. learned sparsity before it lands) are listed as missing, never guessed.
 Every variant trains from the same seed on the same WikiText-2 batches (same steps x batch x
 seq_len tokens, AdamW, warmup + cosine) and is measured by benchmarks/step6_part3.run_variant:
-  val ppl       token-weighted exp(mean NLL) over the WHOLE validation split (DESIGN section 4);
+  val ppl       token-weighted exp(mean NLL) over the WHOLE validation split (docs/design.md section 4);
   FLOPs/token   torch.utils.flop_counter.FlopCounterMode on the operations executed (matrix
                 products, convolutions, attention; not the BK-core recurrences nor elementwise work);
   tokens/s      wall-clock, synchronised, after warm-up: training over the run itself (forward,
@@ -71,8 +71,8 @@ VARIANTS: dict[str, Variant] = {
     "act": Variant("act.yaml", ("act",), "ACT over 4 layers (halting bias init 1.0)"),
     "multiscale": Variant("multiscale.yaml", ("multiscale",), "2 simple multi-scale blocks N -> N/2 -> N"),
     "act_multiscale": Variant("act_multiscale.yaml", ("act", "multiscale"), "ACT over 4 multi-scale blocks, d_ff 2D"),
-    "sparse": Variant("sparse_bk.yaml", ("sparsity",), "learned sparsity in the BK-core (issue 7)"),
-    "multiscale_sparse": Variant("multiscale_sparse.yaml", ("multiscale", "sparsity"), "multi-scale with learned sparsity (issue 7)"),
+    "sparse": Variant("sparse_bk.yaml", ("sparsity",), "learned sparsity in the BK-core"),
+    "multiscale_sparse": Variant("multiscale_sparse.yaml", ("multiscale", "sparsity"), "multi-scale with learned sparsity"),
     "adaptive_length": Variant("adaptive_length.yaml", ("adaptive_length",), "learned sequence length, binomial prior 0.25"),
     "early_exit": Variant("early_exit.yaml", ("early_exit",), "early exit, threshold calibrated for <= 10% disagreement"),
     "conditional_moe": Variant("conditional_moe.yaml", ("conditional_moe",), "conditional MoE, top-p 0.5, 1..2 experts"),

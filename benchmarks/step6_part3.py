@@ -6,7 +6,7 @@
 Every variant is trained from the same seed on the same WikiText-2 batches (equal token budget:
 steps x batch x seq_len), at about equal parameter count, one after the other in one process on
 one device, and then measured the same way:
-  val ppl        token-weighted exp(mean NLL) over the WHOLE validation split (DESIGN section 4);
+  val ppl        token-weighted exp(mean NLL) over the WHOLE validation split (docs/design.md section 4);
   FLOPs/token    counted by torch.utils.flop_counter.FlopCounterMode on the operations actually
                  executed (one validation batch for inference, one training step for training),
                  divided by the tokens in the batch; also without the LM head. FlopCounterMode

@@ -2,7 +2,7 @@
 
 For each seed and method, one training run of the plain ResNet-BK on the bundled WikiText-2 (word
 level), validated on the WHOLE validation split every `--eval-every` steps (token-weighted
-perplexity, DESIGN section 4). Recorded at every validation: optimizer steps, training tokens,
+perplexity, docs/design.md section 4). Recorded at every validation: optimizer steps, training tokens,
 training wall-clock (CUDA-synchronised; validation time excluded, scoring time INCLUDED, since the
 callbacks score inside the training loop) and the callbacks' scoring cost (seconds, forward FLOPs).
 

@@ -16,7 +16,7 @@ The rule, for a stack of L steps (layers) and each position t on its own:
     out = sum_{l<N} p_l s_l + R s_N                    the ACT-weighted state (a convex combination)
     ponder = N + R                                     (its gradient flows through R only)
 
-Causality (DESIGN section 3): p_l at t reads s_l at t, which every step computes from positions
+Causality (docs/design.md section 3): p_l at t reads s_l at t, which every step computes from positions
 0..t (the BK-core is causal), so N(t), R(t) and the output at t depend on tokens 0..t only.
 Stopping the layer loop once every position of the batch has halted changes no output (a halted
 position's output is final), so that batch-wide decision leaks nothing either; the steps it skips

@@ -11,9 +11,9 @@ References:
 Why not the seed's version. Seed 004 pools the WHOLE input into one vector, predicts a length bin
 from it, truncates the input to that length, runs the model and pads the output back. For a
 language model that is unusable: (a) the length decision reads every position, so the logits at
-position t depend on tokens after t (it sees the future, DESIGN section 3); (b) the truncated
+position t depend on tokens after t (it sees the future, docs/design.md section 3); (b) the truncated
 positions get padded outputs that were never computed from their inputs, so they either drop out
-of the perplexity or are scored with garbage (DESIGN section 4: every evaluated token is scored).
+of the perplexity or are scored with garbage (docs/design.md section 4: every evaluated token is scored).
 
 The causal form. With b_t in {0, 1} ("segment closes at t", decided from x_t alone):
     segment id      s_t = sum_{u<t} b_u                     (position t belongs to segment s_t)

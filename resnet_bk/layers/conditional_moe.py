@@ -14,7 +14,7 @@ Per token t with router probabilities p_t (softmax over E experts, sorted descen
 The gates are the raw router probabilities (not renormalised over the chosen set): a token that
 takes one expert would otherwise get the gate 1 and the router no gradient from the LM loss.
 
-Causality (DESIGN section 3): k_t and the chosen experts depend on x_t alone; there is no expert
+Causality (docs/design.md section 3): k_t and the chosen experts depend on x_t alone; there is no expert
 capacity (a capacity limit drops tokens depending on what other positions chose).
 
 Compute: each expert runs on exactly the rows routed to it (index_select -> expert -> index_add),

@@ -5,7 +5,7 @@ coarse resolution, causal learned upsampling, and a refinement at full resolutio
     hierarchical:  N -> N/2 -> N/4 -> N/2 -> N    (a U-Net: pool, BK at N/2, pool, BK at N/4,
                                                    upsample + skip, BK at N/2, upsample + skip, refine)
 
-Causality (DESIGN section 3). Coarse token j pools positions 2j and 2j+1, so it may feed only
+Causality (docs/design.md section 3). Coarse token j pools positions 2j and 2j+1, so it may feed only
 positions >= 2j+1. Upsampling therefore shifts by one position before broadcasting: fine position
 t receives coarse token j(t) = (t - 1) // 2 (positions 2j+1 and 2j+2 get token j, position 0 gets
 nothing from the coarse path). The coarse blocks use the causal BK-core, so coarse token j's output

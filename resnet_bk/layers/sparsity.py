@@ -3,7 +3,7 @@ feed-forward, potential and resolvent read-out run; the others get a causal inte
 outputs of earlier kept positions. The skipped work is really skipped (gathered rows).
 
 References:
-1) The ResNet-BK seeds (shared/seeds/001_*, 003_*): importance predictor, Gumbel-sigmoid masks, a
+1) The ResNet-BK seed documents 001 and 003: importance predictor, Gumbel-sigmoid masks, a
    sparsity loss toward a target, interpolation of skipped positions. Their predictor and
    interpolator use centred convolutions and their inference takes the top-k positions of the whole
    sequence (both see the future); their sparse core computes everything and then masks it.
@@ -28,7 +28,7 @@ One layer, with x already layer-normed by the block:
             mask against the target (unweighted; the training module weights it).
 
 Skipped positions enter the resolvent chain with a learned constant potential v_skip (they have
-no feed-forward output to read one from). Causality (DESIGN section 3): l at t reads x at t, t-1,
+no feed-forward output to read one from). Causality (docs/design.md section 3): l at t reads x at t, t-1,
 .. (left-padded conv); the mask at t is a per-position test of l_t; the core is causal in both
 forms; the interpolation at t reads kept outputs at s < t only. So nothing at t depends on t' > t.
 

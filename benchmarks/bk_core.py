@@ -7,7 +7,7 @@ memory-bandwidth floor, plus an accuracy check against float64. Run on a CUDA de
     python benchmarks/bk_core.py --overhead       # host-side cost of an eager call, with a profile
     python benchmarks/bk_core.py --render         # redraw bk_core.md/png from the JSON (no GPU)
 
-Timing rules (shared DESIGN.md section 4, METHOD.md):
+Timing rules (docs/design.md section 4):
 * ``ms``: median over repetitions of CUDA-event timings around one eager call (forward, or
   forward + ``torch.autograd.grad``), the queue drained before each call, so Python, dispatcher
   and launch overheads are included, after warm-up (compilation excluded).
@@ -464,7 +464,7 @@ def main():
             torch.cuda.empty_cache()
         save()  # partial results survive a time limit
 
-    # bk_core.json is the list of records the issue asks for; the run's context is in bk_core_meta.json.
+    # bk_core.json is the list of records; the run's context is in bk_core_meta.json.
     save()
     write_markdown(records, accs, info, peak, os.path.join(args.out, "bk_core.md"), breakdown)
     plot(records, os.path.join(args.out, "bk_core.png"), info)

@@ -54,7 +54,7 @@ import torch
 import yaml
 
 from callbacks import Throughput
-from lightning_modules.flops import flop_breakdown
+from callbacks.flops import flop_breakdown
 from resnet_bk.cli import build
 from resnet_bk.models import count_parameters
 

@@ -11,7 +11,7 @@ A round, at optimizer steps start_step, start_step + K, start_step + 2K, ...:
   4. hand the k windows to the data module, which draws from them from the next batch on.
 Before the first round, every window is drawn (plain shuffled sampling).
 
-Unlike the seed sketch (shared/seeds/002), the cost of scoring is not left out: each round's
+Unlike the seed sketch (seed document 002), the cost of scoring is not left out: each round's
 wall-clock and forward FLOPs (FlopCounterMode on the first batch, scaled by the windows scored; see
 callbacks/scoring.py) are added to budget/scoring_seconds and budget/scoring_flops, cumulative and
 logged every log_every_n_steps, and also run inside the trainer's wall-clock (trainer.max_time counts them).

@@ -17,7 +17,7 @@
                  step where it changes, so it grows at step granularity; within it windows are drawn
                  uniformly ("shuffle") or easiest first ("ordered").
 
-Unlike the seed sketch (shared/seeds/002), the first step already trains on c0 of the data, not on
+Unlike the seed sketch (seed document 002), the first step already trains on c0 of the data, not on
 the single easiest example, and difficulty need not come from a model trained beforehand.
 
 Logged (on the trainer's log_every_n_steps): curriculum/active_fraction, curriculum/batch_difficulty

@@ -4,7 +4,7 @@ Shared by the curriculum (callbacks/curriculum.py: difficulty = loss) and active
 (callbacks/active_learning.py: uncertainty = predictive entropy, or loss). Scoring is part of the
 cost of training with these methods, so every call returns its cost: wall-clock seconds (CUDA
 synchronised) and forward FLOPs, counted with torch.utils.flop_counter.FlopCounterMode on the first
-batch (what actually executed, DESIGN section 4) and scaled by the number of examples scored.
+batch (what actually executed, docs/design.md section 4) and scaled by the number of examples scored.
 FlopCounterMode counts matrix-class operators only (mm, bmm, attention, ...); elementwise work and
 the BK-core's O(N) scan are not in the count.
 

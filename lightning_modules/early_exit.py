@@ -8,8 +8,8 @@ differ from the final one (resnet_bk.layers.early_exit.exit_outcomes): no extra 
 
 Calibration (CALM): at the start of each validation the threshold becomes the lowest grid value
 whose disagreement rate on the training batches seen since the last calibration is at most
-max_disagreement, and is written into the network's `exit_threshold` buffer (so a checkpoint
-keeps it). No training batches seen (e.g. `lightning validate` from a checkpoint): the stored
+max_disagreement, and is set in the network (set_exit_threshold; its buffers keep it in a
+checkpoint). No training batches seen (e.g. `lightning validate` from a checkpoint): the stored
 threshold is used. The calibration data are training batches, never the split being evaluated.
 
 Validation / test run the network WITH exits (that is the model being evaluated: "val/ppl"), and,
@@ -127,7 +127,7 @@ class EarlyExitLanguageModel(LanguageModel):
         if self.max_disagreement is None or n_positions == 0:
             return None
         threshold = calibrate_threshold(self._calib_disagree, n_positions, self.thresholds, self.max_disagreement)
-        self.model.exit_threshold.fill_(threshold)
+        self.model.set_exit_threshold(threshold)
         k = int((self.thresholds >= threshold).nonzero()[0, 0]) if math.isfinite(threshold) else None
         if k is not None:
             self._predicted = {
@@ -152,8 +152,8 @@ class EarlyExitLanguageModel(LanguageModel):
     def _log_perplexity(self, stage: str, nll: MeanMetric) -> None:
         ppl = nll.compute().exp() if nll.update_called else None  # before super() resets it
         super()._log_perplexity(stage, nll)
-        threshold = float(self.model.exit_threshold)
-        self.log(f"{stage}/exit/threshold", threshold if math.isfinite(threshold) else 1.0)
+        threshold = self.model.get_exit_threshold()
+        self.log(f"{stage}/exit/threshold", 1.0 if threshold is None else threshold)  # 1.0: no exits
         for k, v in self._predicted.items():
             self.log(f"{stage}/{k}", v.float())
         full = self.val_nll_all if stage == "val" else self.test_nll_all

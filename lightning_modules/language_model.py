@@ -10,18 +10,22 @@ accumulated across batches (and across processes under DDP), never a mean of per
 Under DDP, Lightning's DistributedSampler repeats up to world_size - 1 windows to even out the
 ranks, and those are counted twice: report figures from a single-device validate/test.
 
-Variants (ACT, multi-scale, sparsity) are small subclasses: the network reports its extra losses in
-LMOutput.aux_losses and its extra scalars in LMOutput.stats, and they are weighted and logged here.
-A subclass adds a weight as an init arg, e.g.
+Variants (ACT, multi-scale, sparsity, conditional MoE, learned length) are configuration: the
+network reports its extra losses in LMOutput.aux_losses and its extra scalars in LMOutput.stats,
+they are weighted by `aux_loss_weights` (the config's one place for them) and logged here, e.g.
 
-    class ACTLanguageModel(LanguageModel):
-        def __init__(self, *args, ponder_weight: float = 0.01, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.aux_loss_weights["ponder"] = ponder_weight
+    model:
+      class_path: lightning_modules.LanguageModel
+      init_args:
+        network: {class_path: resnet_bk.models.act_lm.ACTResNetBKLM, init_args: {...}}
+        aux_loss_weights: {load_balance: 0.01, ponder: 0.01}
 
-or overrides compute_loss(batch, stage) to add terms and logs without re-implementing the steps.
+Measurements and schedules that do not change the training step are callbacks (callbacks/: FLOPs
+per token, tokens/s, the sparsity temperature). A subclass exists only where the training step
+differs (early exit's calibration, gradient caching's manual loop); it overrides
+compute_loss(batch, stage) to add terms and logs without re-implementing the steps.
 
-Reliability (issue 12):
+Reliability:
 - Non-finite values are caught: the training loss and every gradient before the optimizer step.
   `nonfinite="stop"` (default) raises FloatingPointError naming the first bad step and tensor, and
   nothing after that step is ever checkpointed. The check is recorded on the device at every step
@@ -121,9 +125,10 @@ class LanguageModel(L.LightningModule):
         betas: AdamW betas.
         warmup_steps: linear warmup length in optimizer steps.
         min_lr_ratio: the cosine decays to lr * min_lr_ratio at trainer.estimated_stepping_batches.
-        aux_loss_weights: weight of each aux loss the network returns, by name. A returned aux loss
-            without a weight is an error (so no term is silently dropped or added); a weight whose loss
-            the network never returns is harmless (e.g. load_balance for a dense model).
+        aux_loss_weights: weight of each aux loss the network returns, by name (each finite and >= 0).
+            A returned aux loss without a weight is an error (so no term is silently dropped or
+            added); a weight whose loss the network never returns is harmless (e.g. load_balance for
+            a dense model).
         nonfinite: what a non-finite training loss or gradient does: "stop" (raise, the default) or
             "skip" (drop the step, count it in train/nonfinite_skipped). Evaluation always stops.
         step_rng: re-seed the RNGs at every training batch from (seed, rank, epoch, batch index), so
@@ -162,6 +167,9 @@ class LanguageModel(L.LightningModule):
         modes = (False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
         if compile not in modes:
             raise ValueError(f"LanguageModel: compile must be one of {modes}, got {compile!r}.")
+        for name, weight in aux_loss_weights.items():
+            if not (math.isfinite(weight) and weight >= 0):
+                raise ValueError(f"LanguageModel: aux_loss_weights.{name} must be finite and >= 0, got {weight}.")
         # Under the CLI, hparams are the parsed config (network as its class_path/init_args block).
         self.save_hyperparameters()
         self.model = network(vocab_size)

@@ -4,7 +4,7 @@ Setting. H = H0 + diag(v) with H0 the discrete Laplacian (couplings b_i = c_i = 
 every SKIPPED position carrying the same potential v_skip (a learned scalar in the sparse layer).
 The kept positions are p_0 < p_1 < ... < p_{K-1}; L_r = p_r - p_{r-1} - 1 is the number of skipped
 positions just before p_r (p_{-1} = -1). We want the causal g at the kept positions,
-g_{p_r} = 1 / d_{p_r} with d the left-to-right Riccati sweep of DESIGN section 2.
+g_{p_r} = 1 / d_{p_r} with d the left-to-right Riccati sweep of docs/design.md section 2.
 
 Eliminating a run. Over a run the sweep applies the Moebius maps of M_s = [[alpha_s, -1], [1, 0]]
 (alpha_s = -2 + v_skip - z, the same matrix at every skipped site), then the kept site's

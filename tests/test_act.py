@@ -67,14 +67,14 @@ def _count_calls(model: ACTResNetBKLM):
     for i, block in enumerate(model.blocks):
         ff, mix = block.bk.feed_forward, block.bk.mix
 
-        def counted_ff(x, i=i, ff=ff):
+        def counted_ff(x, gathered=None, i=i, ff=ff):
             counts[i][0] += 1
             counts[i][1] += x.reshape(-1, x.shape[-1]).shape[0]
-            return ff(x)
+            return ff(x, gathered)
 
-        def counted_mix(h, i=i, mix=mix):
+        def counted_mix(h, gathered=None, i=i, mix=mix):
             counts[i][2] += 1
-            return mix(h)
+            return mix(h, gathered)
 
         block.bk.feed_forward, block.bk.mix = counted_ff, counted_mix
     return counts
@@ -176,11 +176,12 @@ def test_lightning_module_adds_ponder_and_logs_flops():
 
     import lightning as L_
 
-    from lightning_modules.act import ACTLanguageModel
+    from callbacks import FlopsPerToken
+    from lightning_modules import LanguageModel
 
     torch.manual_seed(0)
-    module = ACTLanguageModel(network=partial(ACTResNetBKLM, d_model=D, n_layers=2, num_experts=2, max_seq_len=16),
-                              vocab_size=V, act_lambda=0.5)
+    module = LanguageModel(network=partial(ACTResNetBKLM, d_model=D, n_layers=2, num_experts=2, max_seq_len=16),
+                           vocab_size=V, aux_loss_weights={"load_balance": 0.01, "ponder": 0.5})
     batch = {"input_ids": torch.randint(0, V, (2, 8)), "targets": torch.randint(0, V, (2, 8)), "index": torch.arange(2)}
     result = module.compute_loss(batch, "train")
     expected = result.logs["ce"] + 0.01 * result.logs["aux/load_balance"] + 0.5 * result.logs["aux/ponder"]
@@ -188,7 +189,7 @@ def test_lightning_module_adds_ponder_and_logs_flops():
     assert "stats/layers_executed" in result.logs and "stats/halt_frac/1" in result.logs
 
     trainer = L_.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+                         enable_model_summary=False, callbacks=[FlopsPerToken()])
     metrics = trainer.validate(module, dataloaders=torch.utils.data.DataLoader([batch], batch_size=None), verbose=False)[0]
     # 2 layers, both run at init (halting at layer 2): per token 2 * (16 D^2 + router + v/g proj) + head.
     body = metrics["val/flops_per_token_body"]

@@ -1,4 +1,4 @@
-"""Property tests (hypothesis) of the BK-core, resnet_bk.bk_core.green_diagonal (issue 12, item 4).
+"""Property tests (hypothesis) of the BK-core, resnet_bk.bk_core.green_diagonal.
 
 Inputs: random shapes (B 1..3, N 1..48), entries of H whose magnitudes span 1e-6..1e6 with random
 signs, couplings b (super) and c (sub) drawn independently (H non-symmetric, k = b c of either sign
@@ -6,7 +6,7 @@ unless a test asks for k >= 0), z = lam + i eta with eta from 1e-6 (near the rea
 
 Properties, for the "scan" and "sequential" methods, causal and bidirectional, float64:
   1. the output is finite (when k >= 0, or for any k in practice: see below);
-  2. |g_i| <= 1 / eta whenever every k_i >= 0 (DESIGN.md section 2), up to rounding;
+  2. |g_i| <= 1 / eta whenever every k_i >= 0 (docs/design.md section 2), up to rounding;
   3. it agrees with the dense float64 reference (explicit inverses).
 
 Tolerances, and why. (2) is an exact inequality; the computed |g| may exceed 1/eta by rounding only,

@@ -169,3 +169,24 @@ def test_python_dash_m_resnet_bk_help(monkeypatch, capsys):
         runpy.run_module("resnet_bk", run_name="__main__")
     assert exit_info.value.code == 0
     assert "usage: python -m resnet_bk" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config", sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+def test_aux_loss_weights_of_the_config_are_the_ones_used(tmp_path, config):
+    """One place decides an aux-loss weight: model.init_args.aux_loss_weights, never a module's own default."""
+    args = ["--config", str(CONFIGS / f"{config}.yaml"), "--trainer.default_root_dir", str(tmp_path), *ON_CPU]
+    weights = dict(build(args).model.aux_loss_weights)
+    doubled = {name: 2 * w + 0.5 for name, w in weights.items()}
+    flow = "{" + ", ".join(f"{k}: {v}" for k, v in doubled.items()) + "}"
+    assert build([*args, "--model.init_args.aux_loss_weights", flow]).model.aux_loss_weights == doubled
+
+
+def test_a_weight_outside_aux_loss_weights_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / "act.yaml"), "--model.init_args.ponder_weight", "0.03"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "ponder_weight" in err and len(err.splitlines()) == 1, err
+    with pytest.raises(ValueError, match="aux_loss_weights.ponder must be finite and >= 0"):
+        LanguageModel(network=lambda v: ResNetBKLM(v, d_model=8, n_layers=1), vocab_size=10,
+                      aux_loss_weights={"ponder": -1.0})

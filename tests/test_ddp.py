@@ -1,4 +1,4 @@
-"""2-process DDP on CPU (gloo) for the plain model (issue 12, item 5): WikiTextDataModule +
+"""2-process DDP on CPU (gloo) for the plain model: WikiTextDataModule +
 LanguageModel at global batch 4 as 2 ranks x 2 equal 1 process x 4 (same windows, same losses and
 weights up to float32 reduction order), and a non-finite loss on one rank only makes both ranks
 skip that step together (no hang, replicas identical)."""

@@ -45,7 +45,7 @@ def test_causality_with_exits(n):
     torch.manual_seed(0)
     model = _sharpen(_model()).double().eval()
     x = torch.randint(0, V, (3, n))
-    model.exit_threshold.fill_(_median_threshold(model, x))
+    model.set_exit_threshold(_median_threshold(model, x))
     with torch.no_grad():
         out = model(x)
         assert 1.0 < out.stats["exit_layer_mean"] < L  # some positions exit, some run on
@@ -80,7 +80,7 @@ def test_exited_rows_skip_the_feed_forward_and_keep_their_exit_logits():
         full = model(x, exits=False)
         layer1 = model.head(full.layer_hidden[0])
         threshold = _median_threshold(model, x)
-        model.exit_threshold.fill_(threshold)
+        model.set_exit_threshold(threshold)
         rows.clear()
         out = model(x)
     exit_after_1 = confidence(layer1) >= threshold
@@ -100,8 +100,11 @@ def test_infinite_threshold_matches_the_full_model():
     x = torch.randint(0, V, (2, 11))
     with torch.no_grad():
         full = model(x)  # no threshold: all layers
-        model.exit_threshold.fill_(math.inf)
+        model.set_exit_threshold(math.inf)
         assert model(x).layer_hidden, "an infinite threshold runs all layers without per-layer heads"
+        with pytest.raises(ValueError, match="needs an exit threshold"):
+            model(x, exits=True)
+        model.set_exit_threshold(2.0)  # above any confidence
         forced = model(x, exits=True)  # the exit path, nobody exits
     torch.testing.assert_close(forced.logits, full.logits)
     assert forced.stats["exit_layer_mean"].item() == L
@@ -110,7 +113,7 @@ def test_infinite_threshold_matches_the_full_model():
 def test_all_positions_exit_and_the_loop_ends():
     torch.manual_seed(0)
     model = _model().eval()
-    model.exit_threshold.fill_(0.0)
+    model.set_exit_threshold(0.0)
     x = torch.randint(0, V, (2, 7))
     with torch.no_grad():
         out = model(x)
@@ -122,7 +125,7 @@ def test_short_and_odd_lengths(n):
     torch.manual_seed(0)
     model = _sharpen(_model()).eval()
     x = torch.randint(0, V, (2, n))
-    model.exit_threshold.fill_(_median_threshold(model, x))
+    model.set_exit_threshold(_median_threshold(model, x))
     with torch.no_grad():
         out = model(x)
     assert out.logits.shape == (2, n, V) and torch.isfinite(out.logits).all()
@@ -162,7 +165,7 @@ def test_module_adds_the_exit_loss_with_a_gradient_to_the_lower_layers_and_calib
     # Calibration used the 21 scored training positions of the step above.
     assert int(module._calib_positions) == 21
     threshold = module.calibrate()
-    assert threshold is not None and float(module.model.exit_threshold) == threshold
+    assert threshold is not None and module.model.get_exit_threshold() == threshold
 
 
 def test_config_trains_two_steps_and_logs_the_cost_of_exiting():
@@ -193,3 +196,21 @@ def test_config_trains_two_steps_and_logs_the_cost_of_exiting():
 
 
 _TINY = tiny_fit_args(seq_len=16)
+
+
+def test_a_run_without_validation_ends_with_a_usable_checkpoint(tmp_path):
+    """Not calibrated is a state of its own, not a non-finite weight that the checkpoint guard refuses."""
+    from resnet_bk.cli import main
+
+    args = [
+        "--config", "configs/early_exit.yaml", "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--data.init_args.seq_len", "16", "--data.init_args.batch_size", "2", "--data.init_args.max_train_tokens", "2000",
+        "--data.init_args.num_workers", "0", "--model.init_args.network.init_args.d_model", "16",
+        "--model.init_args.network.init_args.n_layers", "2", "--trainer.default_root_dir", str(tmp_path),
+    ]  # fmt: skip
+    assert main(["fit", *args, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0"]) == 0
+    (last,) = tmp_path.rglob("last.ckpt")
+    state = torch.load(last, weights_only=False)["state_dict"]
+    assert not bool(state["model.exit_enabled"]) and torch.isfinite(state["model.exit_threshold"])
+    assert main(["validate", *args, "--trainer.limit_val_batches", "1", "--ckpt_path", str(last)]) == 0

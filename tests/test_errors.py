@@ -1,4 +1,4 @@
-"""Clear errors (issue 12, item 2), each through `resnet_bk.cli.main`: one line naming the problem
+"""Clear errors, each through `resnet_bk.cli.main`: one line naming the problem
 and the fix, exit code 2, no traceback (unless --debug), nothing already written changed.
 docs/errors.md is the table of these cases."""
 

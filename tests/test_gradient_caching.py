@@ -1,4 +1,4 @@
-"""Gradient caching (lightning_modules.gradient_caching / gradient_cache): the manual loop equals the
+"""Gradient caching (lightning_modules.gradient_caching_module / gradient_cache_store): the manual loop equals the
 automatic one when nothing hits (clipping, scheduler, accumulation included), a hit applies exactly
 the stored gradient without backward, the cache respects max_bytes and LRU order, 2-process DDP
 (gloo, CPU) neither hangs nor lets the replicas drift, checkpoints resume, the config trains."""
@@ -15,8 +15,8 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
-from lightning_modules.gradient_cache import GradientCache
-from lightning_modules.gradient_caching import GradientCachingLanguageModel
+from lightning_modules.gradient_cache_store import GradientCache
+from lightning_modules.gradient_caching_module import GradientCachingLanguageModel
 from lightning_modules.language_model import LanguageModel
 from resnet_bk.models import ResNetBKLM
 

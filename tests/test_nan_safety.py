@@ -1,4 +1,4 @@
-"""NaN safety (issue 12, item 3): a non-finite loss or gradient is caught at the step it occurs; the
+"""NaN safety: a non-finite loss or gradient is caught at the step it occurs; the
 run stops (default) naming the step and the tensor, or skips the step (no parameter or optimizer
 update) and counts it; a non-finite model is never written over a good checkpoint."""
 

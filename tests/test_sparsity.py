@@ -1,5 +1,5 @@
 """Learned sparsity (resnet_bk.reduced_chain, resnet_bk.layers.sparsity, resnet_bk.models.sparse_lm,
-lightning_modules.sparsity): the reduced-chain core against the dense float64 reference (values and
+callbacks.sparsity_temperature): the reduced-chain core against the dense float64 reference (values and
 gradients), sparsity 0 and an all-kept mask reproducing the dense layer, causality in train and eval
 mode (thresholded inference) for both networks and both configs, skipped rows really absent from
 the gathered matmuls, achieved sparsity tracking the target after a short training run."""
@@ -264,7 +264,8 @@ def test_achieved_sparsity_tracks_target(target):
 
 
 # ---------------------------------------------------------------------------- lightning + configs
-_TINY = tiny_fit_args(seq_len=17, d_model=16, dropout=0.0)
+_TINY = [*tiny_fit_args(seq_len=17, d_model=16, dropout=0.0), "--trainer.callbacks+=callbacks.FlopsPerToken",
+         "--trainer.callbacks+=callbacks.SparsityTemperature", "--trainer.callbacks+=callbacks.TokensPerSecond"]
 SPARSE_CONFIGS = {"sparse_bk.yaml": "SparseResNetBKLM", "multiscale_sparse.yaml": "MultiScaleSparseLM"}
 
 
@@ -291,11 +292,14 @@ def test_config_causal_in_train_and_eval_and_fits(config):
 def test_lightning_module_weights_and_temperature():
     import lightning as L_
 
-    from lightning_modules.sparsity import SparseLanguageModel, annealed_tau
+    from callbacks import FlopsPerToken, SparsityTemperature
+    from callbacks.sparsity_temperature import annealed_tau
+    from lightning_modules import LanguageModel
+    from resnet_bk.models import ResNetBKLM
 
     torch.manual_seed(0)
-    module = SparseLanguageModel(network=partial(SparseResNetBKLM, d_model=D, n_layers=2, num_experts=2, max_seq_len=16),
-                                 vocab_size=V, sparsity_weight=3.0, tau_start=2.0, tau_end=0.5, tau_anneal_steps=10)
+    module = LanguageModel(network=partial(SparseResNetBKLM, d_model=D, n_layers=2, num_experts=2, max_seq_len=16),
+                           vocab_size=V, aux_loss_weights={"load_balance": 0.01, "sparsity": 3.0})
     batch = {"input_ids": torch.randint(0, V, (2, 8)), "targets": torch.randint(0, V, (2, 8)), "index": torch.arange(2)}
     result = module.compute_loss(batch, "train")
     expected = result.logs["ce"] + 0.01 * result.logs["aux/load_balance"] + 3.0 * result.logs["aux/sparsity"]
@@ -303,9 +307,19 @@ def test_lightning_module_weights_and_temperature():
     assert annealed_tau(0, 2.0, 0.5, 10) == 2.0 and annealed_tau(5, 2.0, 0.5, 10) == pytest.approx(1.0)
     assert annealed_tau(50, 2.0, 0.5, 10) == pytest.approx(0.5)
     trainer = L_.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+                         enable_model_summary=False, callbacks=[FlopsPerToken()])
     metrics = trainer.validate(module, dataloaders=torch.utils.data.DataLoader([batch], batch_size=None), verbose=False)[0]
     assert 0.0 <= metrics["val/stats/sparsity"] <= 1.0 and metrics["val/flops_per_token_body"] > 0
+
+    schedule = SparsityTemperature(start=2.0, end=0.5, anneal_steps=10)
+    trainer = L_.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, max_steps=5, callbacks=[schedule])
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch] * 5, batch_size=None))
+    assert all(layer.tau == pytest.approx(annealed_tau(4, 2.0, 0.5, 10)) for layer in sparse_layers(module.model))
+    dense = LanguageModel(network=partial(ResNetBKLM, d_model=D, n_layers=1, max_seq_len=16), vocab_size=V)
+    with pytest.raises(ValueError, match="no learned-sparsity layer"):
+        L_.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   max_steps=1, callbacks=[schedule]).fit(dense, torch.utils.data.DataLoader([batch], batch_size=None))
 
 
 def test_bad_arguments():

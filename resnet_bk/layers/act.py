@@ -16,10 +16,13 @@ The rule, for a stack of L steps (layers) and each position t on its own:
     out = sum_{l<N} p_l s_l + R s_N                    the ACT-weighted state (a convex combination)
     ponder = N + R                                     (its gradient flows through R only)
 
-Causality (DESIGN section 3): p_l at t reads s_l at t, which every step computes from positions
+Causality (docs/design.md section 3): p_l at t reads s_l at t, which every step computes from positions
 0..t (the BK-core is causal), so N(t), R(t) and the output at t depend on tokens 0..t only.
 Stopping the layer loop once every position of the batch has halted changes no output (a halted
-position's output is final), so that batch-wide decision leaks nothing either.
+position's output is final), so that batch-wide decision leaks nothing either; the steps it skips
+draw no dropout, so a model using AdaptiveDepth draws no noise after it (the ACT models here run
+only the final LayerNorm and head). Dropout in a step is drawn for every position and gathered
+(resnet_bk.layers.dropout), so a running position's mask does not depend on which others halted.
 
 What a halted position costs in a later step (`run_bk_block` below):
   skipped:  its feed-forward / MoE rows (the running rows are gathered, run and scattered back),
@@ -43,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from resnet_bk.layers.bk_layer import ResNetBKBlock
+from resnet_bk.layers.dropout import consume_dropout
 
 #: A step of the stack: (x (B, N, D), running (B, N) bool or None = all) ->
 #: (x_new (B, N, D), aux_losses, stats, work). x_new is ignored at positions that are not running;
@@ -81,8 +85,9 @@ def run_bk_block(block: ResNetBKBlock, x: torch.Tensor, running: Optional[torch.
         rows = idx.numel()
         if rows == 0:  # nothing runs (e.g. a coarse level whose pairs have all halted)
             h, aux, stats = xn, {}, {}
+            consume_dropout(block.bk.moe, b * n, d, x)  # the stream after this does not depend on it
         else:
-            h_run, aux, stats = block.bk.feed_forward(flat.index_select(0, idx))
+            h_run, aux, stats = block.bk.feed_forward(flat.index_select(0, idx), (idx, b * n))
             h = flat.index_copy(0, idx, h_run.to(flat.dtype)).view(b, n, d)
     out, mix_stats = block.bk.mix(h)  # the whole sequence: the resolvent chain needs every position
     stats = {**stats, **mix_stats}

@@ -11,9 +11,9 @@ References:
 Why not the seed's version. Seed 004 pools the WHOLE input into one vector, predicts a length bin
 from it, truncates the input to that length, runs the model and pads the output back. For a
 language model that is unusable: (a) the length decision reads every position, so the logits at
-position t depend on tokens after t (it sees the future, DESIGN section 3); (b) the truncated
+position t depend on tokens after t (it sees the future, docs/design.md section 3); (b) the truncated
 positions get padded outputs that were never computed from their inputs, so they either drop out
-of the perplexity or are scored with garbage (DESIGN section 4: every evaluated token is scored).
+of the perplexity or are scored with garbage (docs/design.md section 4: every evaluated token is scored).
 
 The causal form. With b_t in {0, 1} ("segment closes at t", decided from x_t alone):
     segment id      s_t = sum_{u<t} b_u                     (position t belongs to segment s_t)
@@ -109,6 +109,20 @@ def segment_pool(x: torch.Tensor, b: torch.Tensor, length_multiple: int = 1):
     gate = x.new_zeros(bsz * k_pad).index_add(0, slot, (b * hard).to(x.dtype).flatten())
     z = sums / counts.clamp_min(1).unsqueeze(1) * gate.unsqueeze(1)
     return z.view(bsz, k_pad, d), closed, k_pad
+
+
+def segment_close_positions(b: torch.Tensor, k_pad: int) -> torch.Tensor:
+    """(b (B, N) 0/1 boundaries, K_pad) -> (B * K_pad,) long: the flat position (row * N + c_j) in
+    the (B, N) grid of each pooled slot's closing position c_j; padding slots get the row's last
+    position. With these, the inner blocks draw dropout per closing position (layers.dropout), so a
+    segment's mask does not depend on how many segments the batch has."""
+    bsz, n = b.shape
+    hard = (b.detach() > 0.5).long()
+    seg = hard.cumsum(1) - hard  # (B, N) segment of each position
+    slot = torch.where((hard > 0) & (seg < k_pad), seg, torch.full_like(seg, k_pad))  # others: a spare slot
+    pos = torch.full((bsz, k_pad + 1), n - 1, dtype=torch.long, device=b.device)
+    pos.scatter_(1, slot, torch.arange(n, device=b.device).expand(bsz, n))
+    return (pos[:, :k_pad] + n * torch.arange(bsz, device=b.device).unsqueeze(1)).reshape(-1)
 
 
 def causal_upsample(y: torch.Tensor, b: torch.Tensor, null: torch.Tensor) -> torch.Tensor:

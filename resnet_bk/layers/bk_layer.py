@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from resnet_bk.layers.dropout import Gathered, PositionDropout
 from resnet_bk.layers.moe import MoEFeedForward
 from resnet_bk.layers.resolvent import ResolventConfig, resolvent_features
 
@@ -61,7 +62,7 @@ class BKLayer(nn.Module):
         self.coupling_proj = nn.Linear(d_model, c) if cfg.couplings == "input" else None
         self.gate_proj = nn.Linear(d_model, 2 * c) if cfg.gate != "none" else None
         self.g_proj = nn.Linear(2 * c, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = PositionDropout(dropout)
         re, im = cfg.initial_z()
         if cfg.z_is_constant:
             self.z = complex(cfg.z_real, cfg.z_imag)  # a Python complex: the seeds' path
@@ -93,18 +94,19 @@ class BKLayer(nn.Module):
         (float64 for float64 input): [Re g_c, Im g_c] of each chain with this layer's z."""
         return resolvent_features(v, self.shift(), couplings, self.causal)
 
-    def mix(self, h: torch.Tensor):
-        """(B, N, D) -> (h + bk_scale * g_proj(features) (B, N, D), stats)."""
+    def mix(self, h: torch.Tensor, gathered: Gathered | None = None):
+        """(B, N, D) -> (h + bk_scale * g_proj(features) (B, N, D), stats). gathered: when h's B * N
+        positions are gathered from a larger grid (as for feed_forward)."""
         features = self.resolvent_features(self.v_proj(h), self.couplings(h))
-        return self.read_out(h, features), self.mix_stats(features)
+        return self.read_out(h, features, gathered), self.mix_stats(features)
 
-    def read_out(self, h: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    def read_out(self, h: torch.Tensor, features: torch.Tensor, gathered: Gathered | None = None) -> torch.Tensor:
         """h (..., D), features (..., 2C) -> h + bk_scale * g_proj(features, gated by h) (..., D)."""
         features = features.to(h.dtype)
         if self.gate_proj is not None:
             act = torch.sigmoid if self.resolvent.gate == "sigmoid" else F.silu
             features = features * act(self.gate_proj(h))
-        return h + self.bk_scale * self.dropout(self.g_proj(features))
+        return h + self.bk_scale * self.dropout(self.g_proj(features), gathered)
 
     def mix_stats(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         """Detached scalars (no host sync) from the (..., 2C) features and this layer's z."""
@@ -115,13 +117,14 @@ class BKLayer(nn.Module):
             stats.update(z_imag_min=im.min(), z_imag_mean=im.mean(), z_imag_max=im.max(), z_real_mean=re.mean())
         return stats
 
-    def feed_forward(self, x: torch.Tensor):
-        """(..., D) -> (h (..., D), aux_losses, stats); each position on its own."""
-        return self.moe(x)
+    def feed_forward(self, x: torch.Tensor, gathered: Gathered | None = None):
+        """(..., D) -> (h (..., D), aux_losses, stats); each position on its own. gathered:
+        (index, G) when x holds rows gathered from a grid of G positions (dropout draws the grid)."""
+        return self.moe(x, gathered)
 
-    def forward(self, x: torch.Tensor):
-        h, aux_losses, stats = self.feed_forward(x)
-        out, mix_stats = self.mix(h)
+    def forward(self, x: torch.Tensor, gathered: Gathered | None = None):
+        h, aux_losses, stats = self.feed_forward(x, gathered)
+        out, mix_stats = self.mix(h, gathered)
         stats.update(mix_stats)
         return out, aux_losses, stats
 
@@ -135,6 +138,6 @@ class ResNetBKBlock(nn.Module):
         self.ln = nn.LayerNorm(d_model)
         self.bk = BKLayer(d_model, d_ff, num_experts, top_k, resolvent, causal, dropout)
 
-    def forward(self, x: torch.Tensor):
-        out, aux_losses, stats = self.bk(self.ln(x))
+    def forward(self, x: torch.Tensor, gathered: Gathered | None = None):
+        out, aux_losses, stats = self.bk(self.ln(x), gathered)
         return x + out, aux_losses, stats

@@ -14,7 +14,7 @@ Per token t with router probabilities p_t (softmax over E experts, sorted descen
 The gates are the raw router probabilities (not renormalised over the chosen set): a token that
 takes one expert would otherwise get the gate 1 and the router no gradient from the LM loss.
 
-Causality (DESIGN section 3): k_t and the chosen experts depend on x_t alone; there is no expert
+Causality (docs/design.md section 3): k_t and the chosen experts depend on x_t alone; there is no expert
 capacity (a capacity limit drops tokens depending on what other positions chose).
 
 Compute: each token's max_experts most probable experts are its candidate pairs (a static shape);
@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from resnet_bk.layers.dropout import Gathered, PositionDropout
 from resnet_bk.layers.moe import GroupedExperts, dispatch
 
 
@@ -90,10 +91,10 @@ class ConditionalMoEFeedForward(nn.Module):
         self.min_experts, self.max_experts = min_experts, max_experts
         self.router = nn.Linear(d_model, num_experts, bias=False)
         self.experts = GroupedExperts(num_experts, d_model, d_ff)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = PositionDropout(dropout)
         self.last_rows_per_expert: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, gathered: Gathered | None = None):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (T, D)
         probs = F.softmax(self.router(x).float(), dim=-1)  # (T, E); float: the cumsum decides k
@@ -119,4 +120,4 @@ class ConditionalMoEFeedForward(nn.Module):
         stats["expert_load_max"] = f.max()
         stats["experts_per_token"] = counts_t.sum().to(probs.dtype) / max(x.shape[0], 1)
         aux_losses = {"load_balance": load_balance, "compute": compute}
-        return self.dropout(out).reshape(shape), aux_losses, stats
+        return self.dropout(out, gathered).reshape(shape), aux_losses, stats

@@ -11,7 +11,7 @@ Confidence is a number in [0, 1], higher = more confident, and a position exits 
 when its confidence there reaches the threshold:
     "max_prob": max_v softmax(logits)_v
     "entropy":  1 - H(softmax(logits)) / log V
-Both read one position's logits only, so the exit decision is causal (DESIGN section 3).
+Both read one position's logits only, so the exit decision is causal (docs/design.md section 3).
 """
 
 from __future__ import annotations

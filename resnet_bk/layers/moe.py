@@ -27,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
+from resnet_bk.layers.dropout import Gathered, PositionDropout
+
 
 class Expert(nn.Module):
     """Two-layer MLP d_model -> d_ff -> d_model with GELU (the nanoGPT MLP without dropout)."""
@@ -177,6 +179,8 @@ class MoEFeedForward(nn.Module):
       aux_losses: {"load_balance": scalar} (empty when num_experts=1), unweighted;
       stats: detached scalars, "expert_load/<e>" (fraction of routed rows per expert) and
         "expert_load_max" (1/num_experts when perfectly balanced).
+    gathered: None, or (index, G) when x holds rows gathered from a grid of G positions
+      (resnet_bk.layers.dropout), so that the dropout mask is drawn for the whole grid.
     After each forward, `last_rows_per_expert` is an (E,) device tensor of how many rows each expert
     ran on; the rows sum to T * top_k for T tokens.
     """
@@ -190,15 +194,15 @@ class MoEFeedForward(nn.Module):
         self.num_experts, self.top_k = num_experts, top_k
         self.router = nn.Linear(d_model, num_experts, bias=False) if num_experts > 1 else None
         self.experts = GroupedExperts(num_experts, d_model, d_ff)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = PositionDropout(dropout)
         self.last_rows_per_expert: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, gathered: Gathered | None = None):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (T, D)
         if self.router is None:
             self.last_rows_per_expert = torch.full((1,), x.shape[0], device=x.device)
-            return self.dropout(self.experts(x, None, None)).reshape(shape), {}, {}
+            return self.dropout(self.experts(x), gathered).reshape(shape), {}, {}
 
         probs = F.softmax(self.router(x), dim=-1)  # (T, E)
         # (T, k) each; max for k = 1: a row-wise reduction, where topk launches a slow selection kernel
@@ -217,4 +221,4 @@ class MoEFeedForward(nn.Module):
         load_balance = self.num_experts * (f * probs.mean(0)).sum()
         stats = {f"expert_load/{e}": f[e] for e in range(self.num_experts)}
         stats["expert_load_max"] = f.max()
-        return self.dropout(out).reshape(shape), {"load_balance": load_balance}, stats
+        return self.dropout(out, gathered).reshape(shape), {"load_balance": load_balance}, stats

@@ -5,7 +5,7 @@ coarse resolution, causal learned upsampling, and a refinement at full resolutio
     hierarchical:  N -> N/2 -> N/4 -> N/2 -> N    (a U-Net: pool, BK at N/2, pool, BK at N/4,
                                                    upsample + skip, BK at N/2, upsample + skip, refine)
 
-Causality (DESIGN section 3). Coarse token j pools positions 2j and 2j+1, so it may feed only
+Causality (docs/design.md section 3). Coarse token j pools positions 2j and 2j+1, so it may feed only
 positions >= 2j+1. Upsampling therefore shifts by one position before broadcasting: fine position
 t receives coarse token j(t) = (t - 1) // 2 (positions 2j+1 and 2j+2 get token j, position 0 gets
 nothing from the coarse path). The coarse blocks use the causal BK-core, so coarse token j's output
@@ -37,6 +37,7 @@ import torch.nn as nn
 
 from resnet_bk.layers.act import active_rows, run_bk_block
 from resnet_bk.layers.bk_layer import ResNetBKBlock
+from resnet_bk.layers.dropout import PositionDropout
 from resnet_bk.layers.moe import Expert
 from resnet_bk.layers.resolvent import ResolventConfig
 
@@ -94,7 +95,7 @@ class MLPRefine(nn.Module):
         super().__init__()
         self.ln = nn.LayerNorm(d_model)
         self.mlp = Expert(d_model, d_ff)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = PositionDropout(dropout)
 
     def forward(self, x: torch.Tensor, running: Optional[torch.Tensor] = None):
         """-> (x + MLP(LN(x)) at the running rows (x elsewhere), rows run)."""
@@ -104,9 +105,10 @@ class MLPRefine(nn.Module):
             return x + self.dropout(self.mlp(self.ln(x))), b * n
         flat = x.reshape(b * n, d)
         if idx.numel() == 0:
+            self.dropout.consume(b * n, d, x)  # the stream after this does not depend on it
             return x, 0
         rows = flat.index_select(0, idx)
-        y = rows + self.dropout(self.mlp(self.ln(rows)))
+        y = rows + self.dropout(self.mlp(self.ln(rows)), (idx, b * n))
         return flat.index_copy(0, idx, y.to(flat.dtype)).view(b, n, d), idx.numel()
 
 

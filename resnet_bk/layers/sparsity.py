@@ -3,7 +3,7 @@ feed-forward, potential and resolvent read-out run; the others get a causal inte
 outputs of earlier kept positions. The skipped work is really skipped (gathered rows).
 
 References:
-1) The ResNet-BK seeds (shared/seeds/001_*, 003_*): importance predictor, Gumbel-sigmoid masks, a
+1) The ResNet-BK seed documents 001 and 003: importance predictor, Gumbel-sigmoid masks, a
    sparsity loss toward a target, interpolation of skipped positions. Their predictor and
    interpolator use centred convolutions and their inference takes the top-k positions of the whole
    sequence (both see the future); their sparse core computes everything and then masks it.
@@ -28,7 +28,7 @@ One layer, with x already layer-normed by the block:
             mask against the target (unweighted; the training module weights it).
 
 Skipped positions enter the resolvent chain with a learned constant potential v_skip (they have
-no feed-forward output to read one from). Causality (DESIGN section 3): l at t reads x at t, t-1,
+no feed-forward output to read one from). Causality (docs/design.md section 3): l at t reads x at t, t-1,
 .. (left-padded conv); the mask at t is a per-position test of l_t; the core is causal in both
 forms; the interpolation at t reads kept outputs at s < t only. So nothing at t depends on t' > t.
 
@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from resnet_bk.layers.bk_layer import BKLayer, ResNetBKBlock
 from resnet_bk.layers.resolvent import ResolventConfig
+from resnet_bk.layers.dropout import Gathered, consume_dropout
 from resnet_bk.reduced_chain import kept_green_diagonal_full, pack_kept, reduced_green_diagonal
 
 Core = Literal["reduced", "full"]
@@ -211,7 +212,9 @@ class SparseBKLayer(BKLayer):
         g = g.view(b, c, -1).permute(0, 2, 1)[valid]  # (T, C)
         return torch.view_as_real(g).reshape(-1, 2 * c)
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, gathered: Gathered | None = None):
+        if gathered is not None:
+            raise ValueError("SparseBKLayer: runs on whole sequences; it cannot run on gathered rows.")
         if self.predictor is None:
             out, aux, stats = super().forward(x)
             self.last_rows, self.last_keep = x.shape[0] * x.shape[1], None
@@ -232,15 +235,17 @@ class SparseBKLayer(BKLayer):
         flat = x.reshape(b * n, d)
         aux, stats = {}, {}
         if idx.numel() > 0:
-            h, aux, stats = self.feed_forward(flat.index_select(0, idx))  # (T, D): kept rows only
+            gathered = (idx, b * n)  # dropout masks are drawn for all B * N positions (layers.dropout)
+            h, aux, stats = self.feed_forward(flat.index_select(0, idx), gathered)  # (T, D): kept rows only
             v = self.v_proj(h)
             v = v.to(torch.promote_types(v.dtype, torch.float32))  # the core runs in >= float32
             features = self._features(v, keep)
-            y = self.read_out(h, features)
+            y = self.read_out(h, features, gathered)
             computed = flat.new_zeros(b * n, d).index_copy(0, idx, y.to(flat.dtype)).view(b, n, d)
             stats = {**stats, **self.mix_stats(features)}
         else:  # everything skipped: nothing computed, nothing to interpolate from
             computed = x.new_zeros(b, n, d)
+            consume_dropout(self, b * n, d, x)  # the stream after this does not depend on it
         # Causal interpolation: hold the last kept output before t, then a left-padded conv.
         last = last_kept_before(keep)
         hold = torch.gather(computed, 1, last.clamp_min(0)[..., None].expand(b, n, d))

@@ -23,9 +23,16 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from resnet_bk.layers.adaptive_length import BoundaryPredictor, boundary_prior_nll, causal_upsample, segment_pool
+from resnet_bk.layers.adaptive_length import (
+    BoundaryPredictor,
+    boundary_prior_nll,
+    causal_upsample,
+    segment_close_positions,
+    segment_pool,
+)
 from resnet_bk.layers.bk_layer import ResNetBKBlock
 from resnet_bk.layers.resolvent import ResolventConfig
+from resnet_bk.layers.dropout import consume_dropout
 from resnet_bk.models.base import TiedEmbeddingLM
 from resnet_bk.models.output import LMOutput
 
@@ -103,10 +110,10 @@ class AdaptiveLengthLM(TiedEmbeddingLM):
         sums: tuple[dict, dict] = ({}, {})
         n_run = 0
 
-        def run(blocks: nn.ModuleList, h: torch.Tensor) -> torch.Tensor:
+        def run(blocks: nn.ModuleList, h: torch.Tensor, gathered=None) -> torch.Tensor:
             nonlocal n_run
             for block in blocks:
-                h, aux, stats = block(h)
+                h, aux, stats = block(h, gathered)
                 n_run += 1
                 for target, values in zip(sums, (aux, stats)):
                     for k, v in values.items():
@@ -116,7 +123,11 @@ class AdaptiveLengthLM(TiedEmbeddingLM):
         x = run(self.pre_blocks, x)
         b, p = self.boundary(x)
         z, closed, k_pad = segment_pool(x, b, self.length_multiple)
-        y = run(self.inner_blocks, z) if k_pad > 0 else z
+        if k_pad > 0:  # dropout in the inner blocks is drawn per closing position, on the (B, N) grid
+            y = run(self.inner_blocks, z, (segment_close_positions(b, k_pad), bsz * n))
+        else:  # nothing to run; the random stream after this does not depend on it
+            y = z
+            consume_dropout(self.inner_blocks, bsz * n, x.shape[-1], x)
         x = x + causal_upsample(y, b, self.null)
         x = run(self.post_blocks, x)
         logits = self.head(x)

@@ -58,7 +58,8 @@ class EarlyExitLM(ResNetBKLM):
 
     Args (besides ResNetBKLM's):
         exit_threshold: confidence at which a position exits; None: never (the training module
-            calibrates it and stores it in the `exit_threshold` buffer, so checkpoints keep it).
+            calibrates it with set_exit_threshold; the `exit_threshold` and `exit_enabled` buffers
+            keep it in checkpoints).
         confidence: "max_prob" or "entropy" (resnet_bk.layers.early_exit.confidence).
         min_exit_layer: the first layer after which a position may exit (1..n_layers-1).
     """
@@ -98,16 +99,31 @@ class EarlyExitLM(ResNetBKLM):
                 f"EarlyExitLM: min_exit_layer must be in 1..n_layers-1={n_layers - 1}, got {min_exit_layer}."
             )
         self.confidence, self.min_exit_layer = confidence, min_exit_layer
-        # NaN = no threshold; a buffer so that the calibrated value is saved with the weights.
-        self.register_buffer("exit_threshold", torch.tensor(float("nan") if exit_threshold is None else exit_threshold))
+        # Buffers, so that a calibrated threshold is saved with the weights. exit_threshold is always
+        # finite (a checkpoint refuses non-finite tensors); exit_enabled says whether it is in use.
+        self.register_buffer("exit_threshold", torch.tensor(0.0))
+        self.register_buffer("exit_enabled", torch.tensor(False))
+        self.set_exit_threshold(exit_threshold)
         self.last_ffn_rows: list[int] = []  # feed-forward rows per layer in the last forward
 
+    def set_exit_threshold(self, threshold: float | None) -> None:
+        """The confidence at which positions exit; None or +inf: no exits (every layer runs)."""
+        if threshold is not None and (math.isnan(threshold) or threshold < 0):
+            raise ValueError(f"EarlyExitLM: exit_threshold must be >= 0, +inf or None, got {threshold}.")
+        enabled = threshold is not None and math.isfinite(threshold)
+        self.exit_enabled.fill_(enabled)
+        self.exit_threshold.fill_(threshold if enabled else 0.0)
+
+    def get_exit_threshold(self) -> float | None:
+        """The threshold in use, or None when positions do not exit."""
+        return float(self.exit_threshold) if bool(self.exit_enabled) else None
+
     def forward(self, input_ids: torch.Tensor, exits: bool | None = None) -> EarlyExitOutput:
-        threshold = float(self.exit_threshold)
-        if exits is None:  # inf (calibrated to "never") or NaN (unset): no exits, no head per layer
-            exits = not self.training and math.isfinite(threshold)
-        if exits and math.isnan(threshold):
-            raise ValueError("EarlyExitLM: exits=True needs an exit_threshold (set or calibrated).")
+        threshold = self.get_exit_threshold()
+        if exits is None:  # no threshold (unset, or calibrated to "never"): no exits, no head per layer
+            exits = not self.training and threshold is not None
+        if exits and threshold is None:
+            raise ValueError("EarlyExitLM: exits=True needs an exit threshold (set_exit_threshold or calibration).")
         x = self.embed(input_ids)
         return self._forward_exits(x, threshold) if exits else self._forward_all(x)
 
@@ -138,7 +154,7 @@ class EarlyExitLM(ResNetBKLM):
         self.last_ffn_rows = []
         for i, block in enumerate(self.blocks):
             x_active = x.index_select(0, active)
-            h_active, aux, stats = block.bk.feed_forward(block.ln(x_active))
+            h_active, aux, stats = block.bk.feed_forward(block.ln(x_active), (active, b * n))
             self.last_ffn_rows.append(active.numel())
             _accumulate(sums, aux, stats)
             h = h_active if h is None else h.index_copy(0, active, h_active.to(h.dtype))

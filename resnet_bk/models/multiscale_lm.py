@@ -6,7 +6,7 @@ pooled its future, and refines at full resolution. Embeddings, final LayerNorm, 
 are those of ResNetBKLM.
 
 References:
-1) The ResNet-BK seeds (shared/seeds/000_*, 002_*): the simple N -> N/2 -> N and hierarchical
+1) The ResNet-BK seed documents 000 and 002: the simple N -> N/2 -> N and hierarchical
    N -> N/2 -> N/4 -> N/2 -> N layouts; their symmetric convolutions and fixed n_seq are replaced
    by causal per-channel pooling/upsampling that works for any N.
 2) Nawrot et al. 2022, "Hierarchical Transformers Are More Efficient Language Models"

@@ -1,12 +1,12 @@
 """ResNet-BK language model: token + position embeddings, a stack of ResNet-BK blocks, a tied head.
 
 Each block mixes positions through the diagonal of a tridiagonal resolvent instead of attention,
-so a layer costs O(N) in the sequence length. See shared DESIGN.md sections 1-3.
+so a layer costs O(N) in the sequence length. See docs/design.md sections 1-3.
 
 References:
 1) nanoGPT (Karpathy), model.py: the layout of this file, the init and the tied LM head.
 2) Switch Transformers (Fedus et al. 2021): the MoE feed-forward and its load-balancing loss.
-3) The ResNet-BK seeds (shared/seeds/): H0 = discrete Laplacian, z = i; their core is replaced by
+3) The ResNet-BK seed documents: H0 = discrete Laplacian, z = i; their core is replaced by
    resnet_bk.bk_core (stable recurrences, exact gradient, causal g_i).
 """
 

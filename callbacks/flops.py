@@ -6,19 +6,26 @@ skips (rows not gathered, layers not entered) is simply not counted, and the cou
 executed on this batch. Elementwise work (activations, LayerNorm, the BK-core's O(N) resolvent
 scan, gathers) is not counted; for these models it is a small, width-independent share.
 
-`flops_per_token(model, input_ids)` is the function; `FlopCountingLanguageModel` logs it on the
-first batch of every validation epoch (one extra forward pass, in eval mode) as
-"val/flops_per_token" (everything) and "val/flops_per_token_body" (without the LM head, whose
-2 * D * V per token is the same for every variant and dominates small models).
+`flops_per_token(model, input_ids)` and `flop_breakdown` are the functions; the `FlopsPerToken`
+callback logs them on the first batch of every validation epoch (one extra forward pass of the
+network, in eval mode) as "val/flops_per_token" (everything) and "val/flops_per_token_body"
+(without the LM head, whose 2 * D * V per token is the same for every variant and dominates small
+models). Any config switches it on:
+
+    trainer:
+      callbacks:
+        - class_path: callbacks.FlopsPerToken
+    lightning fit --config configs/resnet_bk.yaml --trainer.callbacks+=callbacks.FlopsPerToken
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
+from typing import Any
 
-from lightning_modules.language_model import LanguageModel
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def flops_per_token(model: nn.Module, input_ids: torch.Tensor, exclude: tuple[str, ...] = ()) -> float:
@@ -43,21 +50,16 @@ def flop_breakdown(model: nn.Module, input_ids: torch.Tensor, exclude: tuple[str
     return {"total": total / n, "kept": (total - left_out) / n}
 
 
-class FlopCountingLanguageModel(LanguageModel):
-    """LanguageModel that also logs "val/flops_per_token" and "val/flops_per_token_body" (see the
-    module docstring), counted on the first validation batch of each validation epoch.
+class FlopsPerToken(L.Callback):
+    """Logs "val/flops_per_token" and "val/flops_per_token_body" of the module's network
+    (`pl_module.model`), counted on the first validation batch of each validation epoch."""
 
-    Args (besides LanguageModel's):
-        count_flops: False turns the extra counted forward pass off.
-    """
-
-    def __init__(self, *args, count_flops: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.count_flops = count_flops
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        super().validation_step(batch, batch_idx)
-        if self.count_flops and batch_idx == 0:
-            flops = flop_breakdown(self.model, batch["input_ids"], exclude=("lm_head",))
-            for key, name in (("total", "flops_per_token"), ("kept", "flops_per_token_body")):
-                self.log(f"val/{name}", flops[key], on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if batch_idx != 0:
+            return
+        flops = flop_breakdown(pl_module.model, batch["input_ids"], exclude=("lm_head",))
+        for key, name in (("total", "flops_per_token"), ("kept", "flops_per_token_body")):
+            pl_module.log(f"val/{name}", flops[key], on_step=False, on_epoch=True, batch_size=1, sync_dist=True)

@@ -61,7 +61,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightning_modules.gradient_cache import CacheEntry, GradientCache
+from lightning_modules.gradient_cache_store import CacheEntry, GradientCache
 from lightning_modules.language_model import LanguageModel, warmup_cosine
 
 _HASH = 2654435761  # Knuth's multiplicative hash constant, for the token-histogram sketch

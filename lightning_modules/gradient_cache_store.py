@@ -1,6 +1,6 @@
 """GradientCache: an LRU store of gradients keyed by unit vectors, bounded in bytes.
 
-Used by lightning_modules.gradient_caching (seed 002, Step 7 "gradient caching"). Each entry is one
+Used by lightning_modules.gradient_caching_module (seed 002, Step 7 "gradient caching"). Each entry is one
 batch's flattened gradient (all parameters that had one, concatenated) and the batch's key, a unit
 vector. `lookup(key)` finds the most similar stored key by cosine similarity with ONE matrix-vector
 product against the stacked keys (the seed compares keys one by one in a Python loop).

@@ -47,7 +47,7 @@ from typing import Optional
 
 import torch
 
-from resnet_bk.bk_core import _ResolventDiagonal, dense_green_diagonal, laplacian_couplings
+from resnet_bk.reference.bk_recurrences import ResolventDiagonal, dense_green_diagonal, laplacian_couplings
 
 _COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
@@ -133,7 +133,7 @@ def reduced_green_diagonal(
     alpha_red = alpha - rho  # alpha'_r
     k_red = inv_u[:, 1:].square()  # k'_{r-1} couples r-1 and r, r = 1..K-1
     beta = torch.cat([-rho[:, 1:], torch.zeros_like(rho[:, :1])], dim=1)  # beta_r = -rho_{L_{r+1}}
-    g_shift = _ResolventDiagonal.apply(alpha_red + beta, k_red, True, method)  # g~ = 1 / d~
+    g_shift = ResolventDiagonal.apply(alpha_red + beta, k_red, True, method)  # g~ = 1 / d~
     first = alpha_red[:, :1].reciprocal()
     rest = (alpha_red[:, 1:] - k_red * g_shift[:, :-1]).reciprocal()
     return torch.cat([first, rest], dim=1)

@@ -140,16 +140,16 @@ def test_laplacian_chain_is_bounded_and_causal():
 
 def test_dispatch_and_errors(monkeypatch):
     diag, sub, sup = random_chain(1, 5, seed=1)
-    assert bk_core._resolve_method("auto", diag) == "scan"  # float64 never goes to the float32 kernel
-    assert bk_core._resolve_method("auto", diag.float().to(DEVICE)) == ("triton" if CUDA else "scan")
+    assert bk_core.resolve_method("auto", diag) == "scan"  # float64 never goes to the float32 kernel
+    assert bk_core.resolve_method("auto", diag.float().to(DEVICE)) == ("triton" if CUDA else "scan")
     with use_method("sequential"):
-        assert bk_core._resolve_method("auto", diag.float().to(DEVICE)) == "sequential"
-        assert bk_core._resolve_method("scan", diag.float()) == "scan"  # explicit arguments win
+        assert bk_core.resolve_method("auto", diag.float().to(DEVICE)) == "sequential"
+        assert bk_core.resolve_method("scan", diag.float()) == "scan"  # explicit arguments win
     with use_method("scan"):
         if CUDA:  # forcing the PyTorch path on CUDA
             out = green_diagonal(*(t.float().cuda() for t in (diag, sub, sup)), 1j)
             assert out.is_cuda
-    assert bk_core._resolve_method("auto", diag.float().to(DEVICE)) == ("triton" if CUDA else "scan")
+    assert bk_core.resolve_method("auto", diag.float().to(DEVICE)) == ("triton" if CUDA else "scan")
     with pytest.raises(ValueError, match="float64"):
         green_diagonal(*(t.to(DEVICE) for t in (diag, sub, sup)), 1j, method="triton")
     with pytest.raises(ValueError, match="unknown method"):

@@ -1,4 +1,4 @@
-"""Glue between ``resnet_bk.bk_core.green_diagonal`` and the fused Triton kernels.
+"""Glue between ``resnet_bk.bk_core.green_diagonal`` (the dispatch above it) and the fused Triton kernels.
 
 Two entry points compute the same function with the same exact adjoint:
 
@@ -8,7 +8,7 @@ Two entry points compute the same function with the same exact adjoint:
   ``resnet_bk::green_diagonal_backward`` with fake (meta) implementations and a registered
   autograd formula, so a compiled model keeps the BK-core inside one graph (no graph break).
   Their ``impl`` argument picks the body: "triton" (the kernels) or "scan"/"sequential" (the
-  PyTorch reference of ``bk_core``, so the op also works, and is tested, on CPU).
+  PyTorch reference, so the op also works, and is tested, on CPU).
 
 Nothing here imports Triton at module import: ``bk_triton`` is loaded on first use (so tests can
 set TRITON_INTERPRET=1 first, and CPU-only installs never need Triton).
@@ -21,6 +21,8 @@ import os
 from typing import Optional
 
 import torch
+
+from resnet_bk.reference.bk_recurrences import ResolventDiagonal, alpha_and_k
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -92,18 +94,16 @@ class TritonGreen(torch.autograd.Function):
 # torch.library custom ops (used under torch.compile)
 # --------------------------------------------------------------------------------------------
 class _Stash:
-    """A stand-in autograd ctx, to run bk_core's verified forward/backward below autograd."""
+    """A stand-in autograd ctx, to run the reference's verified forward/backward below autograd."""
 
     def save_for_backward(self, *tensors):
         self.saved_tensors = tensors
 
 
 def _torch_reference(diag, sub, sup, z, causal: bool, impl: str):
-    from resnet_bk import bk_core
-
-    alpha, k = bk_core._alpha_and_k(diag, sub, sup, z)
+    alpha, k = alpha_and_k(diag, sub, sup, z)
     stash = _Stash()
-    out = bk_core._ResolventDiagonal.forward(stash, alpha, k, causal, impl)
+    out = ResolventDiagonal.forward(stash, alpha, k, causal, impl)
     return out, stash
 
 
@@ -162,11 +162,9 @@ def green_diagonal_backward_op(
         if g_alpha is None:
             g_alpha = diag.new_empty((0,), dtype=torch.complex64)
         return g_diag, g_sub.contiguous(), g_sup.contiguous(), g_alpha
-    from resnet_bk import bk_core
-
     out, stash = _torch_reference(diag, sub, sup, zz, causal, impl)
     stash.causal, stash.method = causal, impl
-    g_alpha, g_k = bk_core._ResolventDiagonal.backward(stash, grad.to(out.dtype))[:2]
+    g_alpha, g_k = ResolventDiagonal.backward(stash, grad.to(out.dtype))[:2]
     g_kr = g_k.real
     g_diag = g_alpha.real.to(diag.dtype).clone()
     g_sub = (g_kr * sup.to(g_kr.dtype)).to(sub.dtype)

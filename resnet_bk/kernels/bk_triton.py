@@ -9,7 +9,7 @@ k_i = b_i c_i (real, since sub and sup are real), and
     e_{N-1} = alpha_{N-1}, e_i = alpha_i - k_i / e_{i+1}         (right to left)
     causal g_i = 1 / d_i,  bidirectional G_i = 1 / (d_i + e_i - alpha_i).
 
-Backward is the exact adjoint sweep (shared DESIGN.md section 2). With lam = conj(grad) and S
+Backward is the exact adjoint sweep (docs/design.md section 2). With lam = conj(grad) and S
 the output (g or G), lam_s = -lam_out S^2 and
 
     u_i = lam_s_i + (k_i / d_i^2) u_{i+1}            (adjoint of d, right to left, u_N = 0)

@@ -154,9 +154,9 @@ def quiet_third_party_notices() -> None:
     """Filter the notices a user of this project cannot act on (idempotent)."""
     # Lightning's own pytree helper calls a torch API that torch >= 2.9 deprecates.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
-    for handler in logging.getLogger("lightning.pytorch").handlers:
-        if not any(isinstance(f, _DropNotices) for f in handler.filters):
-            handler.addFilter(_DropNotices())
+    emitter = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # rank_zero_info's logger
+    if not any(isinstance(f, _DropNotices) for f in emitter.filters):
+        emitter.addFilter(_DropNotices())
 
 
 class ResNetBKCLI(LightningCLI):

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from callbacks import ActiveLearning, Curriculum
 from lightning_modules.checkpoint_io import AtomicCheckpointIO
 from resnet_bk.cli import build, main
 
@@ -49,7 +50,7 @@ class Record(L.Callback):
 
 def fit(config, root, ckpt_path=None, kill_at=None):
     cli = build(["--config", str(ROOT / "configs" / f"{config}.yaml"), *TINY, "--trainer.default_root_dir", str(root)])
-    extra = [cb for cb in cli.trainer.callbacks if type(cb).__module__.startswith("callbacks")]  # curriculum / AL
+    extra = [cb for cb in cli.trainer.callbacks if isinstance(cb, (Curriculum, ActiveLearning))]
     for cb in extra:  # scaled to this short run: still growing at the end; a new AL round every 4 steps
         cb.full_at_fraction, cb.every_n_steps, cb.start_step, cb.pool_size = 2.0, 4, 4, 32
     record = Record(kill_at)

@@ -1,5 +1,6 @@
 """ContinuedRun: a run resumed from a checkpoint says where it resumes, and logs every scalar under
-the step at which an uninterrupted run logs it.
+the step at which an uninterrupted run logs it; it also counts the training batches this process
+ran (`batches_trained`), by which the CLI tells a failed start from a run that trained.
 
 The line, printed once when training starts:
 
@@ -33,6 +34,7 @@ class ContinuedRun(L.Callback):
 
     def __init__(self) -> None:
         self._align_step = False
+        self.batches_trained = 0  # training batches run by this process (0 after a failed start)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._align_step = trainer.ckpt_path is not None and pl_module.automatic_optimization
@@ -43,6 +45,9 @@ class ContinuedRun(L.Callback):
         if self._align_step:
             self._align_step = False
             trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self.batches_trained += 1
 
 
 def resume_line(trainer: L.Trainer, pl_module: L.LightningModule) -> str:

@@ -174,7 +174,6 @@ class ResNetBKCLI(LightningCLI):
         # One way to set the optimizer: LanguageModel's own hyper-parameters.
         kwargs.setdefault("auto_configure_optimizers", False)
         quiet_third_party_notices()
-        self._resume_step: Optional[int] = None  # global step of the --ckpt_path checkpoint
         self._run_dir_before: Optional[tuple[Path, set[Path]]] = None  # the run folder, and its files before
         try:
             super().__init__(args=args, run=run, **kwargs)
@@ -228,10 +227,10 @@ class ResNetBKCLI(LightningCLI):
             root = Path(trainer.default_root_dir or DEFAULT_ROOT_DIR) / experiment_name(config.get("config"))
             config.ckpt_path = resolve_ckpt_path(str(config.ckpt_path), root)
             if Path(config.ckpt_path).is_file():  # not "best", "hpc" or a URL, which Lightning resolves
-                self._resume_step = int(read_checkpoint(config.ckpt_path)["global_step"])
+                step = int(read_checkpoint(config.ckpt_path)["global_step"])
                 run = run_folder_of(Path(config.ckpt_path))
                 if self.subcommand == "fit" and run is not None:
-                    self._continue_run(trainer, run, self._resume_step)
+                    self._continue_run(trainer, run, step)
         if trainer.max_steps is not None and trainer.max_steps > 0 and trainer.log_every_n_steps != 0:
             configured = trainer.log_every_n_steps or LIGHTNING_DEFAULT_LOG_EVERY_N_STEPS
             trainer.log_every_n_steps = min(configured, max(1, trainer.max_steps // 20))
@@ -273,13 +272,13 @@ class ResNetBKCLI(LightningCLI):
             self._run_dir_before = (run, set(run.rglob("*")) if run.exists() else set())
 
     def _remove_what_a_failed_start_wrote(self) -> None:
-        """After an error before the first training step of this invocation: delete the files it wrote
+        """After an error before the first training batch of this invocation: delete the files it wrote
         into the run folder (config, event files) and the folder itself if it made it. A run that
-        trained (global_step moved) keeps everything: its logs show what happened."""
+        trained keeps everything: its logs show what happened."""
         trainer = getattr(self, "trainer", None)
         if trainer is None or self._run_dir_before is None:
             return
-        if trainer.global_step != (self._resume_step or 0):
+        if any(getattr(cb, "batches_trained", 0) for cb in trainer.callbacks if isinstance(cb, ContinuedRun)):
             return
         run, before = self._run_dir_before
         if not run.exists():

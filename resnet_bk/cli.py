@@ -249,6 +249,8 @@ class ResNetBKCLI(LightningCLI):
         logger.init_args.version = run.name
         logger.init_args.purge_step = step
         self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"config.resumed_at_step{step}.yaml"}
+        # Its checkpoints/ folder is this run's own: ModelCheckpoint's "exists and is not empty" is expected.
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()

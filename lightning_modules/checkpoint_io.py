@@ -12,6 +12,9 @@ non-finite step before it is applied, so this is the last line of defence, not t
 
 The CLI installs it on every trainer whose strategy uses the default TorchCheckpointIO;
 elsewhere pass Trainer(plugins=[AtomicCheckpointIO()]).
+
+`read_checkpoint(path)` is the reading side for --ckpt_path: the checkpoint, or a one-line
+ValueError for a file that is empty, truncated, not a checkpoint, or not a Lightning checkpoint.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ def read_checkpoint(path: _PATH) -> dict[str, Any]:
                 raise
             checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # legacy (non-zip) format
     except Exception as err:  # noqa: BLE001 - whatever torch.load says, the file is not a usable checkpoint
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = (str(err).splitlines() or [type(err).__name__])[0].split(". ")[0]  # torch's first sentence
         if head.startswith(b"PK"):  # torch.save's zip container
             raise ValueError(f"checkpoint {str(path)!r} is truncated or corrupt ({size} bytes; {reason}); {fix}") from None
         raise ValueError(f"{str(path)!r} is not a checkpoint (torch.load: {reason}); {fix}") from None

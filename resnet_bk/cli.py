@@ -191,6 +191,11 @@ class ResNetBKCLI(LightningCLI):
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
             super().parse_arguments(parser, args)
 
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        parser.description = DESCRIPTION  # `fit --help` says where the model's and the data's options are
+        return parser
+
     def _parse_ckpt_path(self) -> None:
         # LightningCLI would silently replace the configured model with the checkpoint's hparams (and
         # only for an explicit path, not for "last"). Here the config stays what was asked for, and a

@@ -169,3 +169,20 @@ def test_python_dash_m_resnet_bk_help(monkeypatch, capsys):
         runpy.run_module("resnet_bk", run_name="__main__")
     assert exit_info.value.code == 0
     assert "usage: python -m resnet_bk" in capsys.readouterr().out
+
+
+def help_page(capsys, *args) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_names_the_model_and_data_options_and_lists_only_the_projects_networks(capsys):
+    fit_help = " ".join(help_page(capsys, "fit", "--help").split())
+    assert "fit --model.help LanguageModel" in fit_help and "fit --data.help WikiTextDataModule" in fit_help
+    model_help = help_page(capsys, "fit", "--model.help", "LanguageModel")
+    assert "--model.lr" in model_help and "resnet_bk.models.ResNetBKLM" in model_help
+    assert "torch.nn" not in model_help and len(model_help.splitlines()) < 100
+    network_help = help_page(capsys, "fit", "--model.init_args.network.help", "ResNetBKLM")
+    assert "--network.d_model" in network_help and "--network.num_experts" in network_help

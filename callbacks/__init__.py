@@ -1,11 +1,15 @@
 """Callbacks any config can switch on: data selection during training (curriculum, active learning)
-and its cost, the sparsity temperature schedule, and measurements (FLOPs per token, tokens/s)."""
+and its cost, the sparsity temperature schedule, measurements (FLOPs per token, throughput), and how
+a run shows itself (progress bar, model summary) and continues after a resume."""
 
 from callbacks.active_learning import ActiveLearning
+from callbacks.continued_run import ContinuedRun
 from callbacks.curriculum import Curriculum
+from callbacks.first_screen import ModelSummaryWithoutFlops, RichStepProgressBar, TQDMStepProgressBar
 from callbacks.flops import FlopsPerToken
 from callbacks.sparsity_temperature import SparsityTemperature
 from callbacks.throughput import Throughput
 from callbacks.tokens_per_second import TokensPerSecond
 
-__all__ = ["ActiveLearning", "Curriculum", "FlopsPerToken", "SparsityTemperature", "Throughput", "TokensPerSecond"]
+__all__ = ["ActiveLearning", "ContinuedRun", "Curriculum", "FlopsPerToken", "ModelSummaryWithoutFlops",
+           "RichStepProgressBar", "SparsityTemperature", "TQDMStepProgressBar", "Throughput", "TokensPerSecond"]

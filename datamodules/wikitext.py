@@ -134,7 +134,8 @@ class WikiTextDataModule(L.LightningDataModule):
         seq_len: tokens per example (inputs and targets each have seq_len positions).
         batch_size: training examples per batch.
         eval_batch_size: validation/test examples per batch; default batch_size.
-        num_workers: DataLoader worker processes (0: load in the main process).
+        num_workers: DataLoader worker processes (0: load in the main process); None: 0 without
+            CUDA, else min(4, CPUs per device - 1), as many as Lightning's loader check asks for.
         cache_dir: folder for the vocabulary, token streams and HF Arrow caches; default
             $RESNET_BK_CACHE or ~/.cache/resnet_bk.
         max_train_tokens: keep only the first this many tokens of the training stream (smoke
@@ -151,13 +152,13 @@ class WikiTextDataModule(L.LightningDataModule):
         seq_len: int = 256,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         cache_dir: str | None = None,
         max_train_tokens: int | None = None,
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        checks = {"seq_len": (seq_len, 1), "batch_size": (batch_size, 1), "num_workers": (num_workers, 0)}
+        checks = {"seq_len": (seq_len, 1), "batch_size": (batch_size, 1), "num_workers": (num_workers or 0, 0)}
         for name, (value, low) in checks.items():
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
@@ -341,13 +342,17 @@ class WikiTextDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool = False, sampler=None) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
+        workers = self.num_workers
+        if workers is None:
+            trainer = getattr(self, "trainer", None)
+            workers = default_num_workers(trainer.num_devices if trainer is not None else 1)
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
             sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
 
@@ -425,3 +430,13 @@ def _unreadable_file(files: dict[str, Path]) -> str | None:
                 "(a truncated download? re-compress it with xz, or store it uncompressed)"
             )
     return None
+
+
+def default_num_workers(devices_per_node: int) -> int:
+    """DataLoader workers for num_workers=None: 0 without CUDA (a CPU step outlasts loading a batch
+    of token ids), else min(4, CPUs per device - 1), Lightning's suggestion capped at 4."""
+    if not torch.cuda.is_available():
+        return 0
+    from lightning.fabric.utilities.data import suggested_max_num_workers
+
+    return min(4, suggested_max_num_workers(devices_per_node))

@@ -12,6 +12,9 @@ non-finite step before it is applied, so this is the last line of defence, not t
 
 The CLI installs it on every trainer whose strategy uses the default TorchCheckpointIO;
 elsewhere pass Trainer(plugins=[AtomicCheckpointIO()]).
+
+`read_checkpoint(path)` is the reading side for --ckpt_path: the checkpoint, or a one-line
+ValueError for a file that is empty, truncated, not a checkpoint, or not a Lightning checkpoint.
 """
 
 from __future__ import annotations
@@ -60,3 +63,37 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+
+
+def read_checkpoint(path: _PATH) -> dict[str, Any]:
+    """The Lightning checkpoint at `path` (tensors memory-mapped where the format allows), or a
+    one-line ValueError saying what the file is instead: empty, truncated or corrupt, not a
+    checkpoint, or a checkpoint without Lightning's training state.
+
+    Loads with weights_only=False, as Lightning does for a checkpoint the user names."""
+    path = Path(path)
+    fix = "pass another .ckpt (e.g. the other checkpoint beside it) or drop --ckpt_path to start fresh"
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"checkpoint {str(path)!r} is empty (0 bytes; its writer was cut off?); {fix}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    try:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # legacy (non-zip) format
+    except Exception as err:  # noqa: BLE001 - whatever torch.load says, the file is not a usable checkpoint
+        reason = (str(err).splitlines() or [type(err).__name__])[0].split(". ")[0]  # torch's first sentence
+        if head.startswith(b"PK"):  # torch.save's zip container
+            raise ValueError(f"checkpoint {str(path)!r} is truncated or corrupt ({size} bytes; {reason}); {fix}") from None
+        raise ValueError(f"{str(path)!r} is not a checkpoint (torch.load: {reason}); {fix}") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "global_step" not in checkpoint:
+        what = f"a dict with keys {sorted(checkpoint)[:4]}" if isinstance(checkpoint, dict) else f"a {type(checkpoint).__name__}"
+        raise ValueError(
+            f"{str(path)!r} is not a Lightning checkpoint (it holds {what}, no state_dict and global_step; "
+            f"a bare model state_dict cannot resume a run); {fix}"
+        )
+    return checkpoint

@@ -41,8 +41,9 @@ Reliability:
 - Exact resume: with `step_rng` (default), the torch/numpy/python RNGs are re-seeded at every
   training batch from (seed, rank, epoch, batch index), so dropout and other draws depend on the
   step, not on what ran before it (validation, loader start-up, a restart); the seed is saved in
-  the checkpoint. The LR schedule, optimizer, loop position and the data module's sampler are
-  restored by Lightning.
+  the checkpoint. The optimizer, scheduler, loop position and the data module's sampler are
+  restored by Lightning; the schedule's length (schedule_total_steps) is saved here and kept, so a
+  resume with a larger max_steps continues at the schedule's final rate instead of re-stretching it.
 - Loading a checkpoint whose vocabulary or parameter shapes differ from the configured model, and a
   data seq_len above the network's max_seq_len, are one-line ValueErrors before training starts.
 """
@@ -67,6 +68,7 @@ from torch.utils.tensorboard.summary import hparams
 from torchmetrics.aggregation import MeanMetric
 
 from lightning_modules.nonfinite import NonFiniteWatch
+from resnet_bk.models.base import TiedEmbeddingLM
 
 IGNORE_INDEX = -100
 
@@ -118,13 +120,15 @@ class LanguageModel(L.LightningModule):
     Args:
         network: a factory called as network(vocab_size) that returns the model, e.g. the class
             resnet_bk.models.ResNetBKLM or functools.partial(ResNetBKLM, d_model=64). In a config it
-            is a class_path/init_args block without vocab_size.
+            is a class_path/init_args block without vocab_size, and --help lists the project's
+            networks (TiedEmbeddingLM's subclasses); in Python any nn.Module of that forward works.
         vocab_size: from the data module (the CLI links data.vocab_size to it).
         lr: peak learning rate.
         weight_decay: AdamW weight decay on matrices; biases, norms and embeddings get none.
         betas: AdamW betas.
         warmup_steps: linear warmup length in optimizer steps.
-        min_lr_ratio: the cosine decays to lr * min_lr_ratio at trainer.estimated_stepping_batches.
+        min_lr_ratio: the cosine decays to lr * min_lr_ratio at the end of the run's schedule
+            (trainer.max_steps, or max_epochs in steps, when the run started).
         aux_loss_weights: weight of each aux loss the network returns, by name (each finite and >= 0).
             A returned aux loss without a weight is an error (so no term is silently dropped or
             added); a weight whose loss the network never returns is harmless (e.g. load_balance for
@@ -142,7 +146,7 @@ class LanguageModel(L.LightningModule):
 
     def __init__(
         self,
-        network: Callable[[int], nn.Module],
+        network: Callable[[int], TiedEmbeddingLM],
         vocab_size: int,
         lr: float = 1e-3,
         weight_decay: float = 0.1,
@@ -158,18 +162,12 @@ class LanguageModel(L.LightningModule):
         super().__init__()
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"LanguageModel: nonfinite must be 'stop' or 'skip', got {nonfinite!r}.")
-        if not 0.0 <= min_lr_ratio <= 1.0:
-            raise ValueError(f"LanguageModel: min_lr_ratio must be in [0, 1], got {min_lr_ratio}.")
-        if warmup_steps < 0:
-            raise ValueError(f"LanguageModel: warmup_steps must be >= 0, got {warmup_steps}.")
+        check_hyperparameters(lr, weight_decay, betas, warmup_steps, min_lr_ratio, aux_loss_weights)
         if nonfinite_check_interval is not None and nonfinite_check_interval < 1:
             raise ValueError(f"LanguageModel: nonfinite_check_interval must be >= 1, got {nonfinite_check_interval}.")
         modes = (False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
         if compile not in modes:
             raise ValueError(f"LanguageModel: compile must be one of {modes}, got {compile!r}.")
-        for name, weight in aux_loss_weights.items():
-            if not (math.isfinite(weight) and weight >= 0):
-                raise ValueError(f"LanguageModel: aux_loss_weights.{name} must be finite and >= 0, got {weight}.")
         # Under the CLI, hparams are the parsed config (network as its class_path/init_args block).
         self.save_hyperparameters()
         self.model = network(vocab_size)
@@ -189,6 +187,10 @@ class LanguageModel(L.LightningModule):
         self.compile_mode = "default" if compile is True else (compile or None)
         self._watch = NonFiniteWatch()  # first non-finite training loss or gradient, on the device
         self._loss_terms_fn = self._loss_terms  # compiled in setup() where asked for
+        # Optimizer steps the warmup + cosine schedule is planned over: fixed when a run starts and
+        # kept by a resumed run (so a larger max_steps never moves the LR back up the cosine).
+        self.schedule_total_steps: int | None = None
+        self._resumed_schedule_total_steps: int | None = None
 
     def forward(self, input_ids: torch.Tensor):
         return self.model(input_ids)
@@ -392,25 +394,39 @@ class LanguageModel(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._check_nonfinite()  # never write weights that a recorded non-finite step has touched
-        checkpoint["resnet_bk"] = {"rng_seed": self.rng_seed, "nonfinite_skipped": self.nonfinite_skipped}
+        checkpoint["resnet_bk"] = {
+            "rng_seed": self.rng_seed,
+            "nonfinite_skipped": self.nonfinite_skipped,
+            "schedule_total_steps": self.schedule_total_steps,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("resnet_bk", {})
         self.rng_seed = state.get("rng_seed", self.rng_seed)
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
+        # Lightning calls this before configure_optimizers, which then keeps the run's schedule.
+        self._resumed_schedule_total_steps = state.get("schedule_total_steps")
         check_checkpoint_matches(self, checkpoint)
 
     # ------------------------------------------------------------------------------ optimizer
     def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW with linear warmup and cosine decay to min_lr_ratio * lr over the run's optimizer steps.
+
+        The plan (schedule_total_steps) is made when a run starts, from trainer.max_steps or
+        max_epochs, and saved in its checkpoints. A resumed run keeps it whatever its own max_steps:
+        steps beyond the plan run at the final rate min_lr_ratio * lr, so the LR never jumps up.
+        """
         # Fused AdamW (one kernel for every tensor) on CUDA, unless fp16 AMP's GradScaler must unscale first.
         scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
         self._fused_adamw = self.device.type == "cuda" and scaler is None
         optimizer = torch.optim.AdamW(
             weight_decay_groups(self, self.weight_decay), lr=self.lr, betas=self.betas, fused=self._fused_adamw
         )
-        total_steps = self.trainer.estimated_stepping_batches
+        total_steps = self._resumed_schedule_total_steps or self.trainer.estimated_stepping_batches
+        self._resumed_schedule_total_steps = None
         if not math.isfinite(total_steps):
             raise ValueError("LanguageModel: the cosine schedule needs a finite trainer.max_steps or max_epochs.")
+        self.schedule_total_steps = int(total_steps)
         schedule = partial(
             warmup_cosine, warmup_steps=self.warmup_steps, total_steps=total_steps, min_lr_ratio=self.min_lr_ratio
         )
@@ -462,6 +478,35 @@ class LanguageModel(L.LightningModule):
                     writer.add_summary(summary)
         self._hparams_summary_written = True
 
+
+
+def check_hyperparameters(
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    warmup_steps: int,
+    min_lr_ratio: float,
+    aux_loss_weights: dict[str, float],
+) -> None:
+    """ValueError (one line, naming the argument and the range it needs) for an out-of-range or
+    non-finite optimisation hyper-parameter of LanguageModel."""
+
+    def finite(x: Any) -> bool:
+        return isinstance(x, (int, float)) and math.isfinite(x)
+
+    if not (finite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite positive number, got {lr}; e.g. --model.init_args.lr 1e-3")
+    if not (finite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}; e.g. 0.1, or 0 for none")
+    if len(betas) != 2 or not all(finite(b) and 0 <= b < 1 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {list(betas)}; e.g. [0.9, 0.95]")
+    if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
+        raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps}")
+    if not (finite(min_lr_ratio) and 0 <= min_lr_ratio <= 1):
+        raise ValueError(f"min_lr_ratio must be a number in [0, 1], got {min_lr_ratio}")
+    for name, weight in aux_loss_weights.items():
+        if not (finite(weight) and weight >= 0):
+            raise ValueError(f"aux_loss_weights[{name!r}] must be a finite number >= 0, got {weight}")
 
 
 def check_checkpoint_matches(module: LanguageModel, checkpoint: dict[str, Any]) -> None:

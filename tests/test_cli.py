@@ -188,6 +188,21 @@ def test_a_weight_outside_aux_loss_weights_is_a_one_line_error(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "ponder_weight" in err and len(err.splitlines()) == 1, err
-    with pytest.raises(ValueError, match="aux_loss_weights.ponder must be finite and >= 0"):
+    with pytest.raises(ValueError, match=r"aux_loss_weights\['ponder'\] must be a finite number >= 0"):
         LanguageModel(network=lambda v: ResNetBKLM(v, d_model=8, n_layers=1), vocab_size=10,
                       aux_loss_weights={"ponder": -1.0})
+def help_page(capsys, *args) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_names_the_model_and_data_options_and_lists_only_the_projects_networks(capsys):
+    fit_help = " ".join(help_page(capsys, "fit", "--help").split())
+    assert "fit --model.help LanguageModel" in fit_help and "fit --data.help WikiTextDataModule" in fit_help
+    model_help = help_page(capsys, "fit", "--model.help", "LanguageModel")
+    assert "--model.lr" in model_help and "resnet_bk.models.ResNetBKLM" in model_help
+    assert "torch.nn" not in model_help and len(model_help.splitlines()) < 100
+    network_help = help_page(capsys, "fit", "--model.init_args.network.help", "ResNetBKLM")
+    assert "--network.d_model" in network_help and "--network.num_experts" in network_help

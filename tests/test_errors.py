@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from resnet_bk.cli import main
 
@@ -139,3 +140,118 @@ def test_debug_switch_shows_the_traceback(tmp_path):
     assert plain.stderr.strip().splitlines()[-1].startswith("error: WikiText data directory not found")
     debug = subprocess.run([*command, "--debug"], capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "FileNotFoundError" in debug.stderr
+
+
+# ---- checkpoint files --------------------------------------------------------------------------
+def test_truncated_checkpoint(trained, tmp_path, capsys):
+    _, ckpt = trained
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    line = fails(capsys, "fit", "--config", QUICKSTART, *SMALL, "--trainer.default_root_dir", str(tmp_path),
+                 "--ckpt_path", str(cut))  # fmt: skip
+    assert "is truncated or corrupt" in line and "cut.ckpt" in line and "drop --ckpt_path" in line
+
+
+def test_empty_checkpoint(tmp_path, capsys):
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    line = fails(capsys, "fit", "--config", QUICKSTART, *SMALL, "--ckpt_path", str(empty))
+    assert "is empty (0 bytes" in line
+
+
+def test_file_that_is_not_a_checkpoint(tmp_path, capsys):
+    line = fails(capsys, "validate", "--config", QUICKSTART, *SMALL, "--ckpt_path", QUICKSTART)  # a YAML file
+    assert "is not a checkpoint (torch.load:" in line
+
+
+def test_bare_state_dict_is_not_a_lightning_checkpoint(trained, tmp_path, capsys):
+    _, ckpt = trained
+    bare = tmp_path / "weights.pt"
+    torch.save(torch.load(ckpt, weights_only=False)["state_dict"], bare)
+    line = fails(capsys, "fit", "--config", QUICKSTART, *SMALL, "--ckpt_path", str(bare))
+    assert "is not a Lightning checkpoint" in line and "no state_dict and global_step" in line
+
+
+# ---- config files ------------------------------------------------------------------------------
+def test_config_file_that_is_not_yaml(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  init_args: [lr: 1\n")
+    line = fails(capsys, "fit", "--config", str(bad))
+    assert "is not valid YAML (line 3, column 1: expected ',' or ']'" in line and "configs/quickstart.yaml" in line
+
+
+def test_config_file_that_is_not_text(tmp_path, capsys):
+    binary = tmp_path / "model.yaml"
+    binary.write_bytes(b"model:\n\xff\xfe\x00")
+    line = fails(capsys, "fit", "--config", str(binary))
+    assert "is not YAML text (byte 0xff at offset 7" in line
+
+
+def test_config_file_that_is_not_a_mapping(tmp_path, capsys):
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- model\n- data\n")
+    line = fails(capsys, "fit", "--config", str(listed))
+    assert "holds a YAML list, not the sections model:, data:, trainer:" in line
+
+
+def test_config_without_a_model_section(tmp_path, capsys):
+    data_only = tmp_path / "data_only.yaml"
+    data_only.write_text("data:\n  init_args:\n    seq_len: 16\n")
+    line = fails(capsys, "fit", "--config", str(data_only))
+    assert "no model: section in" in line and "resnet_bk.models.ResNetBKLM" in line
+
+
+def test_config_file_that_does_not_exist(tmp_path, capsys):
+    line = fails(capsys, "fit", "--config", str(tmp_path / "nowhere.yaml"))
+    assert "File does not exist" in line and "nowhere.yaml" in line
+
+
+# ---- hyper-parameters --------------------------------------------------------------------------
+def test_nonfinite_learning_rate(capsys):
+    line = fails(capsys, "fit", "--config", QUICKSTART, "--model.init_args.lr", "nan")
+    assert line.startswith("error: lr must be a finite positive number, got nan")
+
+
+def test_negative_learning_rate(capsys):
+    line = fails(capsys, "fit", "--config", QUICKSTART, "--model.init_args.lr=-0.001")
+    assert line.startswith("error: lr must be a finite positive number, got -0.001")
+
+
+def test_nonfinite_hyperparameter_in_a_config_file(tmp_path, capsys):
+    inf = tmp_path / "inf.yaml"
+    inf.write_text("model:\n  init_args:\n    weight_decay: .inf\n")
+    line = fails(capsys, "fit", "--config", QUICKSTART, "--config", str(inf))
+    assert line.startswith("error: weight_decay must be a finite number >= 0, got inf")
+
+
+# ---- typos in keys -----------------------------------------------------------------------------
+def test_typo_in_a_model_key_names_the_nearest_key(capsys):
+    line = fails(capsys, "fit", "--config", QUICKSTART, "--model.init_args.lrr", "0.1")
+    assert "'lrr' is not accepted; did you mean lr?" in line
+
+
+def test_typo_in_a_network_key_names_the_nearest_key(tmp_path, capsys):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model:\n  init_args:\n    network:\n      init_args:\n        d_modle: 64\n")
+    line = fails(capsys, "fit", "--config", QUICKSTART, "--config", str(typo))
+    assert "'d_modle' is not accepted; did you mean d_model?" in line and "Namespace(" not in line
+
+
+def test_typo_in_a_trainer_flag_names_the_nearest_key(capsys):
+    line = fails(capsys, "fit", "--config", QUICKSTART, "--trainer.max_stesp", "5")
+    assert "--trainer.max_stesp" in line and "did you mean trainer.max_steps?" in line
+
+
+# ---- a failed start leaves nothing behind --------------------------------------------------------
+def test_failed_start_leaves_no_run_folder(tmp_path, capsys):
+    fails(capsys, "fit", "--config", QUICKSTART, *SMALL, "--trainer.default_root_dir", str(tmp_path),
+          "--data.init_args.seq_len", "128")  # fails in setup, after the run folder got its config.yaml  # fmt: skip
+    assert not (tmp_path / "quickstart").exists() or not any((tmp_path / "quickstart").iterdir())
+
+
+def test_failed_resume_leaves_the_run_as_it_was(trained, capsys):
+    run, ckpt = trained
+    before = tree_digest(run)
+    fails(capsys, "fit", "--config", QUICKSTART, *SMALL, "--ckpt_path", str(ckpt),
+          "--model.init_args.network.init_args.d_model", "32")  # fmt: skip
+    assert tree_digest(run) == before  # no config.resumed_at_step2.yaml, no new event file

@@ -58,11 +58,9 @@ def profile_steps(step, steps: int) -> dict:
         try:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                     torch.profiler.ProfilerActivity.CUDA]) as prof:
-                t0 = time.perf_counter()
                 for _ in range(steps):
                     step()
                 torch.cuda.synchronize()
-                wall_us = (time.perf_counter() - t0) * 1e6
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = sum("synchroniz" in str(w.message) for w in caught)
@@ -128,7 +126,6 @@ def raw_loop(model: str, n: int, tokens: int, compiled: bool, dispatch: str, arg
            **{k: v for k, v in prof.items() if k != "profile_table"},
            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
     row["profile_table"] = prof["profile_table"]
-    del module, opt
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     return row

@@ -251,7 +251,7 @@ class SubsetSampler(DistributedSampler):
         consumed = int(state["consumed"])
         if state["num_replicas"] != self.num_replicas:  # positions are per rank: rescale them
             warnings.warn(f"resuming a sampler saved with {state['num_replicas']} ranks on {self.num_replicas}: "
-                          "the epoch continues at the same fraction, not the exact sample sequence")
+                          "the epoch continues at the same fraction, not the exact sample sequence", stacklevel=2)
             scale = state["num_replicas"] / self.num_replicas
             consumed = int(consumed * scale)
             for s in segments:

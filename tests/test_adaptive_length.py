@@ -6,6 +6,7 @@ import tempfile
 import pytest
 import torch
 import torch.nn.functional as F
+from fit_args import tiny_fit_args
 
 from resnet_bk.layers.adaptive_length import (
     BoundaryPredictor,
@@ -15,7 +16,6 @@ from resnet_bk.layers.adaptive_length import (
     segment_pool,
 )
 from resnet_bk.models.adaptive_length_lm import AdaptiveLengthLM
-from fit_args import tiny_fit_args
 
 V, D = 40, 16
 

@@ -5,13 +5,12 @@ import tempfile
 import pytest
 import torch
 import torch.nn.functional as F
-
+from fit_args import tiny_fit_args
+from test_moe import expert_mlp
 from torch.utils.flop_counter import FlopCounterMode
 
 from resnet_bk.layers.conditional_moe import ConditionalMoEFeedForward, top_p_expert_mask
 from resnet_bk.models.conditional_moe_lm import ConditionalMoELM
-from fit_args import tiny_fit_args
-from test_moe import expert_mlp
 
 V, D = 40, 16
 

@@ -7,11 +7,11 @@ import tempfile
 import pytest
 import torch
 import torch.nn.functional as F
+from fit_args import tiny_fit_args
 
 from lightning_modules.early_exit import EarlyExitLanguageModel
 from resnet_bk.layers.early_exit import calibrate_threshold, confidence, exit_outcomes
 from resnet_bk.models.early_exit_lm import EarlyExitLM
-from fit_args import tiny_fit_args
 
 V, D, L = 40, 16, 3
 

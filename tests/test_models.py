@@ -4,7 +4,6 @@ gradient flow of every model: tests/test_model_contract.py."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from resnet_bk.layers import ResolventConfig
 from resnet_bk.models import ResNetBKLM, TransformerLM

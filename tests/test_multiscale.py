@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from fit_args import tiny_fit_args
 
 from resnet_bk.layers.multiscale import CausalDownsample, CausalUpsample, pair_any
 from resnet_bk.models.act_multiscale_lm import ACTMultiScaleLM
 from resnet_bk.models.multiscale_lm import MultiScaleLM
-from fit_args import tiny_fit_args
 
 V, D = 40, 16
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

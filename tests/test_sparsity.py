@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from fit_args import tiny_fit_args
 
 from resnet_bk.bk_core import green_diagonal, laplacian_couplings
 from resnet_bk.layers.bk_layer import BKLayer
@@ -25,7 +26,6 @@ from resnet_bk.reduced_chain import (
     reduced_green_diagonal_reference,
     run_table,
 )
-from fit_args import tiny_fit_args
 
 V, D = 40, 16
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -49,8 +49,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from resnet_bk.layers.bk_layer import BKLayer, ResNetBKBlock
-from resnet_bk.layers.resolvent import ResolventConfig
 from resnet_bk.layers.dropout import Gathered, consume_dropout
+from resnet_bk.layers.resolvent import ResolventConfig
 from resnet_bk.reduced_chain import kept_green_diagonal_full, pack_kept, reduced_green_diagonal
 
 Core = Literal["reduced", "full"]

@@ -19,7 +19,6 @@ References: Nawrot et al. 2023 (Dynamic Token Pooling), Nawrot et al. 2022 (Hour
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 
@@ -31,8 +30,8 @@ from resnet_bk.layers.adaptive_length import (
     segment_pool,
 )
 from resnet_bk.layers.bk_layer import ResNetBKBlock
-from resnet_bk.layers.resolvent import ResolventConfig
 from resnet_bk.layers.dropout import consume_dropout
+from resnet_bk.layers.resolvent import ResolventConfig
 from resnet_bk.models.base import TiedEmbeddingLM
 from resnet_bk.models.output import LMOutput
 

@@ -28,9 +28,9 @@ from resnet_bk.layers.bk_layer import ResNetBKBlock
 from resnet_bk.layers.multiscale import MLPRefine
 from resnet_bk.layers.resolvent import ResolventConfig
 from resnet_bk.layers.sparsity import Core, MultiScaleSparseBlock, SparseResNetBKBlock, set_temperature, sparse_layers
+from resnet_bk.models.base import init_weights
 from resnet_bk.models.multiscale_lm import MultiScaleLM
 from resnet_bk.models.output import LMOutput
-from resnet_bk.models.base import init_weights
 from resnet_bk.models.resnet_bk_lm import ResNetBKLM
 
 

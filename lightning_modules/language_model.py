@@ -232,6 +232,14 @@ class LanguageModel(L.LightningModule):
             values.append(value.detach().float().to(ce.device))
         return loss, nll_sum.detach(), n_tokens, tuple(names), torch.stack([v.float() for v in values])
 
+    def _checked_loss(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str) -> LossOutput:
+        """compute_loss, raising FloatingPointError if the loss is not finite (on any rank): one host
+        sync, for loops that act on each step's verdict at once (gradient caching's manual loop)."""
+        result = self.compute_loss(batch, stage)
+        if not self._all_ranks(bool(torch.isfinite(result.loss))):
+            raise FloatingPointError(self._nonfinite_message(f"{stage} loss", result, batch_idx))
+        return result
+
     def _all_ranks(self, ok: bool) -> bool:
         """True only if `ok` holds on every rank (one tiny all-reduce under DDP, so ranks act alike)."""
         trainer = self._trainer

@@ -268,8 +268,12 @@ def sweep(args):
                 for mode in ("fwd", "fwd+bwd"):
                     fns = bk_callables("triton", b, n, True, mode)
                     row.append((mode, time_eager(fns, 30), time_graph(fns, 10)))
-                print(cfg or "default", f"B={b} N={n} plan={bk_triton.plan(n)}/{bk_triton.plan(n, True)}",
-                      " ".join(f"{m}: eager {e:.4f} graph {g:.4f}" for m, e, g in row), flush=True)
+                print(
+                    cfg or "default",
+                    f"B={b} N={n} plan={bk_triton.plan(n)}/{bk_triton.plan(n, True)}",
+                    " ".join(f"{m}: eager {e:.4f} graph {g:.4f}" for m, e, g in row),
+                    flush=True,
+                )
 
 
 def kernel_breakdown(b, n, causal=True, iters=10):
@@ -333,13 +337,15 @@ def overhead():
         "one triton launch": raw_launch,
         "bk_triton.forward": lambda: bk_triton.forward(diag, sub, sup, 1j, True),
         "bk_triton.backward": lambda: bk_triton.backward(og, diag, sub, sup, 1j, carries, True, False),
-        "green_diagonal fwd (no grad)": lambda: green_diagonal(*(t.detach() for t in (diag, sub, sup)), 1j,
-                                                               validate=False),
+        "green_diagonal fwd (no grad)": lambda: green_diagonal(
+            *(t.detach() for t in (diag, sub, sup)), 1j, validate=False
+        ),
         "green_diagonal fwd (grad)": lambda: green_diagonal(diag, sub, sup, 1j, validate=False),
         "autograd.grad of x*2 (baseline)": lambda: torch.autograd.grad(x * 2.0, x, x),
         "autograd.grad of complex mul": lambda: torch.autograd.grad(x * xc, x, xc),
-        "fwd + autograd.grad": lambda: torch.autograd.grad(green_diagonal(diag, sub, sup, 1j, validate=False),
-                                                           (diag, sub, sup), og),
+        "fwd + autograd.grad": lambda: torch.autograd.grad(
+            green_diagonal(diag, sub, sup, 1j, validate=False), (diag, sub, sup), og
+        ),
         "fwd + out.backward": fwd_backward,
     }
     for name, f in items.items():
@@ -369,8 +375,14 @@ def main():
             records = json.load(f)
         with open(os.path.join(args.out, "bk_core_meta.json")) as f:
             meta = json.load(f)
-        write_markdown(records, meta["accuracy"], meta["info"], meta["peak_bytes_per_s"],
-                       os.path.join(args.out, "bk_core.md"), meta.get("kernel_breakdown_us"))
+        write_markdown(
+            records,
+            meta["accuracy"],
+            meta["info"],
+            meta["peak_bytes_per_s"],
+            os.path.join(args.out, "bk_core.md"),
+            meta.get("kernel_breakdown_us"),
+        )
         plot(records, os.path.join(args.out, "bk_core.png"), meta["info"])
         return
     assert torch.cuda.is_available(), "benchmarks/bk_core.py needs a CUDA device"
@@ -401,15 +413,18 @@ def main():
                 tol = 1e-4 if n <= 65536 else 1e-3
                 worst = max(rec[f"triton_{p}_max"] for p in ("out", "grad_diag", "grad_sub", "grad_sup"))
                 rec["tolerance"], rec["pass"] = tol, bool(worst <= tol and rec["triton_finite"])
-                print(f"accuracy B={b} N={n} causal={causal} {kind}: triton max rel err out "
-                      f"{rec['triton_out_max']:.2e} grads {rec['triton_grad_diag_max']:.2e}/"
-                      f"{rec['triton_grad_sub_max']:.2e}/{rec['triton_grad_sup_max']:.2e} "
-                      f"(fp32 scan: out {rec['scan_fp32_out_max']:.2e} grad_diag {rec['scan_fp32_grad_diag_max']:.2e})"
-                      f" -> {'PASS' if rec['pass'] else 'FAIL'} (tol {tol:g})", flush=True)
+                print(
+                    f"accuracy B={b} N={n} causal={causal} {kind}: triton max rel err out "
+                    f"{rec['triton_out_max']:.2e} grads {rec['triton_grad_diag_max']:.2e}/"
+                    f"{rec['triton_grad_sub_max']:.2e}/{rec['triton_grad_sup_max']:.2e} "
+                    f"(fp32 scan: out {rec['scan_fp32_out_max']:.2e} grad_diag {rec['scan_fp32_grad_diag_max']:.2e})"
+                    f" -> {'PASS' if rec['pass'] else 'FAIL'} (tol {tol:g})",
+                    flush=True,
+                )
 
     # ---- per-kernel GPU time ----
     breakdown = {}
-    for b, n in ([(8, 4096), (8, 65536), (1, 2**20)] if not args.quick else [(8, 4096)]):
+    for b, n in [(8, 4096), (8, 65536), (1, 2**20)] if not args.quick else [(8, 4096)]:
         breakdown[f"B={b} N={n}"] = kernel_breakdown(b, n)
         print(f"kernels, causal fwd+bwd B={b} N={n} (us per call):", breakdown[f"B={b} N={n}"], flush=True)
 
@@ -423,18 +438,36 @@ def main():
     def save():
         with open(os.path.join(args.out, "bk_core.json"), "w") as f:
             json.dump(records, f, indent=1)
-        meta = {"info": info, "config": dict(bk_triton.CONFIG), "peak_bytes_per_s": peak, "accuracy": accs,
-                "kernel_breakdown_us": breakdown}
+        meta = {
+            "info": info,
+            "config": dict(bk_triton.CONFIG),
+            "peak_bytes_per_s": peak,
+            "accuracy": accs,
+            "kernel_breakdown_us": breakdown,
+        }
         with open(os.path.join(args.out, "bk_core_meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
 
     def add(impl, dtype, mode, causal, b, n, ms, graph_ms, **extra):
-        rec = dict(impl=impl, device=info["device_name"], dtype=dtype, mode=mode, causal=causal, B=b, N=n, ms=ms,
-                   graph_ms=graph_ms, torch=info["torch"], triton=info["triton"], **extra)
+        rec = dict(
+            impl=impl,
+            device=info["device_name"],
+            dtype=dtype,
+            mode=mode,
+            causal=causal,
+            B=b,
+            N=n,
+            ms=ms,
+            graph_ms=graph_ms,
+            torch=info["torch"],
+            triton=info["triton"],
+            **extra,
+        )
         records.append(rec)
         gs = f"{graph_ms:.4f}" if graph_ms is not None else "-"
-        print(f"{impl:12s} {dtype:5s} {mode:8s} causal={causal!s:5s} B={b} N={n:8d} ms={ms:.4f} graph_ms={gs}",
-              flush=True)
+        print(
+            f"{impl:12s} {dtype:5s} {mode:8s} causal={causal!s:5s} B={b} N={n:8d} ms={ms:.4f} graph_ms={gs}", flush=True
+        )
 
     for b, n in shapes:
         for mode in ("fwd", "fwd+bwd"):
@@ -442,15 +475,24 @@ def main():
             add("floor", "fp32", mode, None, b, n, fb / peak * 1e3, None, bytes=fb, peak_bytes_per_s=peak)
             for causal in (True, False):
                 fns = bk_callables("triton", b, n, causal, mode)
-                add("triton", "fp32", mode, causal, b, n, time_eager(fns, 50), time_graph(fns),
-                    plan=list(bk_triton.plan(n, mode != "fwd")))
+                add(
+                    "triton",
+                    "fp32",
+                    mode,
+                    causal,
+                    b,
+                    n,
+                    time_eager(fns, 50),
+                    time_graph(fns),
+                    plan=list(bk_triton.plan(n, mode != "fwd")),
+                )
                 del fns
             if b == 8 and n in (4096, 65536):
                 fns = bk_callables("triton", b, n, True, mode, dtype=torch.bfloat16)
                 add("triton", "bf16", mode, True, b, n, time_eager(fns, 50), time_graph(fns))
                 del fns
             if not args.no_scan and (n <= 65536 or b == 1):
-                for causal in ((True, False) if n <= 4096 else (True,)):
+                for causal in (True, False) if n <= 4096 else (True,):
                     fns = bk_callables("scan", b, n, causal, mode)
                     ms = time_eager(fns, 20, budget_s=3.0)
                     add("torch_scan", "fp32", mode, causal, b, n, ms, time_graph(fns, 5) if ms < 50 else None)
@@ -458,8 +500,18 @@ def main():
             if b * n <= 8 * 65536 or (b == 1 and (mode == "fwd" or n <= 2**18)):
                 fns = sdpa_callables(b, n, mode)
                 ms = time_eager(fns, 20, warmup=1, budget_s=3.0)
-                add("sdpa_flash", "bf16", mode, True, b, n, ms, time_graph(fns, 5) if ms < 50 else None,
-                    heads=4, head_dim=64)
+                add(
+                    "sdpa_flash",
+                    "bf16",
+                    mode,
+                    True,
+                    b,
+                    n,
+                    ms,
+                    time_graph(fns, 5) if ms < 50 else None,
+                    heads=4,
+                    head_dim=64,
+                )
                 del fns
             torch.cuda.empty_cache()
         save()  # partial results survive a time limit
@@ -498,6 +550,7 @@ def write_markdown(records, accs, info, peak, path, breakdown=None):
         ]
         shapes = sorted({(r["B"], r["N"]) for r in records if r["mode"] == mode}, key=lambda s: (-s[0], s[1]))
         for b, n in shapes:
+
             def cell(impl, causal, dtype=None):
                 kw = dict(impl=impl, mode=mode, B=b, N=n, causal=causal)
                 if dtype:
@@ -566,12 +619,23 @@ def plot(records, path, info):
                 pts = sorted(
                     (r["N"], r["graph_ms"] if r["graph_ms"] is not None else r["ms"])
                     for r in records
-                    if r["impl"] == impl and r["causal"] == causal and r["B"] == b and r["mode"] == mode
-                    and r["dtype"] in ("fp32", "bf16") and (impl != "triton" or r["dtype"] == "fp32")
+                    if r["impl"] == impl
+                    and r["causal"] == causal
+                    and r["B"] == b
+                    and r["mode"] == mode
+                    and r["dtype"] in ("fp32", "bf16")
+                    and (impl != "triton" or r["dtype"] == "fp32")
                 )
                 if pts:
-                    ax.plot(*zip(*pts), color=color, ls=ls, marker=marker, ms=4,
-                            alpha=1.0 if mode == "fwd+bwd" else 0.5, label=f"{label} {mode}")
+                    ax.plot(
+                        *zip(*pts),
+                        color=color,
+                        ls=ls,
+                        marker=marker,
+                        ms=4,
+                        alpha=1.0 if mode == "fwd+bwd" else 0.5,
+                        label=f"{label} {mode}",
+                    )
         ns = sorted({r["N"] for r in records if r["B"] == b})
         if ns:
             ref = _get(records, impl="triton", causal=True, B=b, mode="fwd+bwd", N=ns[-1], dtype="fp32")

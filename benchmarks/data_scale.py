@@ -86,8 +86,23 @@ def main() -> None:
 
     if args.phase == "all":  # each phase in its own process, so that each peak RSS is its own
         for phase in ("cold", "warm"):
-            subprocess.run([sys.executable, __file__, "--phase", phase, "--tokens", str(args.tokens), "--work",
-                            args.work, "--batches", str(args.batches), "--out", f"{args.out}.{phase}"], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--phase",
+                    phase,
+                    "--tokens",
+                    str(args.tokens),
+                    "--work",
+                    args.work,
+                    "--batches",
+                    str(args.batches),
+                    "--out",
+                    f"{args.out}.{phase}",
+                ],
+                check=True,
+            )
             result.update(json.loads(Path(f"{args.out}.{phase}").read_text()))
             os.unlink(f"{args.out}.{phase}")
         Path(args.out).write_text(json.dumps(result, indent=1))

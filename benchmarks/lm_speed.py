@@ -44,8 +44,17 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def build_module(model: str, n: int, compile_mode, extra=()):
-    args = ["--config", CONFIGS[model], "--model.init_args.network.init_args.max_seq_len", str(n),
-            "--model.init_args.compile", str(compile_mode).lower() if isinstance(compile_mode, bool) else compile_mode, "--trainer.logger", "false", *extra]
+    args = [
+        "--config",
+        CONFIGS[model],
+        "--model.init_args.network.init_args.max_seq_len",
+        str(n),
+        "--model.init_args.compile",
+        str(compile_mode).lower() if isinstance(compile_mode, bool) else compile_mode,
+        "--trainer.logger",
+        "false",
+        *extra,
+    ]
     return build(args).model
 
 
@@ -56,8 +65,9 @@ def profile_steps(step, steps: int) -> dict:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                    torch.profiler.ProfilerActivity.CUDA]) as prof:
+            with torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            ) as prof:
                 for _ in range(steps):
                     step()
                 torch.cuda.synchronize()
@@ -65,8 +75,11 @@ def profile_steps(step, steps: int) -> dict:
             torch.cuda.set_sync_debug_mode("default")
     syncs = sum("synchroniz" in str(w.message) for w in caught)
     events = prof.events()
-    intervals = sorted((e.time_range.start, e.time_range.end) for e in events
-                       if e.device_type == torch.autograd.DeviceType.CUDA and e.name and not e.name.startswith("Memcpy"))
+    intervals = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in events
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.name and not e.name.startswith("Memcpy")
+    )
     busy, cur_s, cur_e = 0.0, None, None
     for s, e in intervals:  # union of kernel intervals
         if cur_e is None or s > cur_e:
@@ -77,8 +90,12 @@ def profile_steps(step, steps: int) -> dict:
     busy += 0 if cur_e is None else cur_e - cur_s
     launches = sum(1 for e in events if e.name in LAUNCHES)
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=90)
-    return {"gpu_busy_us_per_step": busy / steps, "launches_per_step": launches / steps,
-            "host_syncs_per_step": syncs / steps, "profile_table": table}
+    return {
+        "gpu_busy_us_per_step": busy / steps,
+        "launches_per_step": launches / steps,
+        "host_syncs_per_step": syncs / steps,
+        "profile_table": table,
+    }
 
 
 def raw_loop(model: str, n: int, tokens: int, compiled: bool, dispatch: str, args) -> dict:
@@ -88,8 +105,10 @@ def raw_loop(model: str, n: int, tokens: int, compiled: bool, dispatch: str, arg
     opt = torch.optim.AdamW(weight_decay_groups(module, 0.1), lr=1e-4, fused=True)
     vocab = module.hparams.vocab_size
     g = torch.Generator(device="cuda").manual_seed(0)
-    batch = {"input_ids": torch.randint(0, vocab, (b, n), device="cuda", generator=g),
-             "targets": torch.randint(0, vocab, (b, n), device="cuda", generator=g)}
+    batch = {
+        "input_ids": torch.randint(0, vocab, (b, n), device="cuda", generator=g),
+        "targets": torch.randint(0, vocab, (b, n), device="cuda", generator=g),
+    }
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -121,10 +140,18 @@ def raw_loop(model: str, n: int, tokens: int, compiled: bool, dispatch: str, arg
     # GPU busy: kernel time per step (profiled) over the step's wall time (timed without the profiler,
     # whose own host cost would stretch the step).
     prof["gpu_busy"] = min(1.0, prof["gpu_busy_us_per_step"] / (1e3 * step_ms))
-    row = {"model": model, "N": n, "B": b, "compiled": compiled, "dispatch": dispatch if model == "resnet_bk" else None,
-           "tokens_per_s": args.steps * b * n / elapsed, "step_ms": step_ms, "warmup_s": warmup_s,
-           **{k: v for k, v in prof.items() if k != "profile_table"},
-           "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
+    row = {
+        "model": model,
+        "N": n,
+        "B": b,
+        "compiled": compiled,
+        "dispatch": dispatch if model == "resnet_bk" else None,
+        "tokens_per_s": args.steps * b * n / elapsed,
+        "step_ms": step_ms,
+        "warmup_s": warmup_s,
+        **{k: v for k, v in prof.items() if k != "profile_table"},
+        "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
+    }
     row["profile_table"] = prof["profile_table"]
     torch._dynamo.reset()
     torch.cuda.empty_cache()
@@ -167,31 +194,64 @@ class FitMeter(L.Callback):
 
 def lightning_fit(model: str, steps: int) -> dict:
     meter = FitMeter(start=30, profile_at=steps - 15, profile_steps=10)
-    cli = build(["--config", CONFIGS[model], "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
-                 "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
-                 "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
+    cli = build(
+        [
+            "--config",
+            CONFIGS[model],
+            "--trainer.max_steps",
+            str(steps),
+            "--trainer.limit_val_batches",
+            "0",
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_checkpointing",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.enable_model_summary",
+            "false",
+        ]
+    )
     cli.trainer.callbacks.append(meter)
     cli.trainer.fit(cli.model, cli.datamodule)
     dm = cli.datamodule
     torch._dynamo.reset()
-    return {"model": model, "N": dm.seq_len, "B": dm.batch_size, "lightning_fit": True,
-            "compiled": cli.model.compile_mode is not None, "tokens_per_s": meter.tokens / meter.elapsed,
-            "gpu_busy": getattr(meter, "gpu_busy", None), "steps_timed": steps - 30}
+    return {
+        "model": model,
+        "N": dm.seq_len,
+        "B": dm.batch_size,
+        "lightning_fit": True,
+        "compiled": cli.model.compile_mode is not None,
+        "tokens_per_s": meter.tokens / meter.elapsed,
+        "gpu_busy": getattr(meter, "gpu_busy", None),
+        "steps_timed": steps - 30,
+    }
 
 
 def to_markdown(result: dict) -> str:
-    lines = [f"# Training speed: ResNet-BK vs Transformer ({result['device']})", "",
-             f"`{result['command']}`; torch {result['torch']}; {result['tokens_per_step']} tokens per step, bf16 "
-             "autocast, fused AdamW, clip 1.0, random tokens, one process.", "",
-             "| model | N | B | compiled | MoE dispatch | tokens/s | step ms | GPU busy | launches/step | syncs/step | peak GB |",
-             "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# Training speed: ResNet-BK vs Transformer ({result['device']})",
+        "",
+        f"`{result['command']}`; torch {result['torch']}; {result['tokens_per_step']} tokens per step, bf16 "
+        "autocast, fused AdamW, clip 1.0, random tokens, one process.",
+        "",
+        "| model | N | B | compiled | MoE dispatch | tokens/s | step ms | GPU busy | launches/step | syncs/step | peak GB |",
+        "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in result["records"]:
-        lines.append(f"| {r['model']} | {r['N']} | {r['B']} | {r['compiled']} | {r.get('dispatch') or '-'} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['step_ms']:.2f} | {r['gpu_busy']:.2f} | {r['launches_per_step']:.0f} | "
-                     f"{r['host_syncs_per_step']:.0f} | {r['peak_mem_gb']:.2f} |")
+        lines.append(
+            f"| {r['model']} | {r['N']} | {r['B']} | {r['compiled']} | {r.get('dispatch') or '-'} | "
+            f"{r['tokens_per_s']:,.0f} | {r['step_ms']:.2f} | {r['gpu_busy']:.2f} | {r['launches_per_step']:.0f} | "
+            f"{r['host_syncs_per_step']:.0f} | {r['peak_mem_gb']:.2f} |"
+        )
     by = {(r["model"], r["N"], r["compiled"], r.get("dispatch")): r["tokens_per_s"] for r in result["records"]}
-    lines += ["", "Ratio ResNet-BK / Transformer (tokens/s, grouped dispatch):", "", "| N | eager | compiled |",
-              "|---:|---:|---:|"]
+    lines += [
+        "",
+        "Ratio ResNet-BK / Transformer (tokens/s, grouped dispatch):",
+        "",
+        "| N | eager | compiled |",
+        "|---:|---:|---:|",
+    ]
     for n in sorted({r["N"] for r in result["records"]}):
         cells = []
         for c in (False, True):
@@ -199,11 +259,18 @@ def to_markdown(result: dict) -> str:
             cells.append(f"{bk / tr:.2f}" if bk and tr else "-")
         lines.append(f"| {n} | {cells[0]} | {cells[1]} |")
     if result.get("fit"):
-        lines += ["", "`lightning fit --config configs/<model>.yaml` (its own batch shape):", "",
-                  "| model | N | B | compiled | tokens/s | GPU busy |", "|---|---:|---:|---|---:|---:|"]
+        lines += [
+            "",
+            "`lightning fit --config configs/<model>.yaml` (its own batch shape):",
+            "",
+            "| model | N | B | compiled | tokens/s | GPU busy |",
+            "|---|---:|---:|---|---:|---:|",
+        ]
         for r in result["fit"]:
             busy = f"{r['gpu_busy']:.2f}" if r.get("gpu_busy") is not None else "-"
-            lines.append(f"| {r['model']} | {r['N']} | {r['B']} | {r['compiled']} | {r['tokens_per_s']:,.0f} | {busy} |")
+            lines.append(
+                f"| {r['model']} | {r['N']} | {r['B']} | {r['compiled']} | {r['tokens_per_s']:,.0f} | {busy} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -222,8 +289,14 @@ def main() -> None:
     ap.add_argument("--profiles", default=None, help="folder for the per-row profiler tables (text)")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "command": " ".join(sys.argv),
-              "tokens_per_step": args.tokens, "records": [], "fit": []}
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "command": " ".join(sys.argv),
+        "tokens_per_step": args.tokens,
+        "records": [],
+        "fit": [],
+    }
     plan = [(m, n, mode == "compiled", "grouped") for n in args.n for m in args.models for mode in args.modes]
     if args.loop_dispatch and "resnet_bk" in args.models:
         plan += [("resnet_bk", n, False, "loop") for n in args.n]
@@ -238,7 +311,9 @@ def main() -> None:
         table = row.pop("profile_table")
         if args.profiles:
             os.makedirs(args.profiles, exist_ok=True)
-            with open(os.path.join(args.profiles, f"{model}_{n}_{'compiled' if compiled else 'eager'}_{dispatch}.txt"), "w") as f:
+            with open(
+                os.path.join(args.profiles, f"{model}_{n}_{'compiled' if compiled else 'eager'}_{dispatch}.txt"), "w"
+            ) as f:
                 f.write(table)
         result["records"].append(row)
         print(json.dumps(row), flush=True)
@@ -246,7 +321,9 @@ def main() -> None:
         for model in args.models:
             result["fit"].append(lightning_fit(model, args.fit))
             print(json.dumps(result["fit"][-1]), flush=True)
-    result["records"] = [r for r in result["records"] if "error" not in r] + [r for r in result["records"] if "error" in r]
+    result["records"] = [r for r in result["records"] if "error" not in r] + [
+        r for r in result["records"] if "error" in r
+    ]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(result, f, indent=1)

@@ -59,16 +59,38 @@ from resnet_bk.cli import build
 from resnet_bk.models import count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC_KEYS = {"description", "runs", "overrides", "seeds", "budget", "measure", "infer_batch_sizes", "warmup_steps",
-             "parallel", "baseline", "columns", "figures", "cumulative", "smoke"}
+SPEC_KEYS = {
+    "description",
+    "runs",
+    "overrides",
+    "seeds",
+    "budget",
+    "measure",
+    "infer_batch_sizes",
+    "warmup_steps",
+    "parallel",
+    "baseline",
+    "columns",
+    "figures",
+    "cumulative",
+    "smoke",
+}
 RUN_KEYS = {"name", "config", "overrides", "seeds", "meta"}
 MEASURES = {"val_ppl", "test_ppl", "infer_tokens_per_s", "flops_per_token"}
 # --smoke: every run on a CPU in seconds (2 steps of 2 x 16 tokens, 1 evaluation batch, small inference batches).
 SMOKE = {
-    "trainer.accelerator": "cpu", "trainer.precision": "32-true", "trainer.max_steps": 2,
-    "trainer.max_epochs": -1, "trainer.val_check_interval": 2, "trainer.check_val_every_n_epoch": None,
-    "trainer.limit_val_batches": 1, "trainer.num_sanity_val_steps": 0, "data.init_args.num_workers": 0,
-    "data.init_args.batch_size": 2, "data.init_args.eval_batch_size": 2, "data.init_args.seq_len": 16,
+    "trainer.accelerator": "cpu",
+    "trainer.precision": "32-true",
+    "trainer.max_steps": 2,
+    "trainer.max_epochs": -1,
+    "trainer.val_check_interval": 2,
+    "trainer.check_val_every_n_epoch": None,
+    "trainer.limit_val_batches": 1,
+    "trainer.num_sanity_val_steps": 0,
+    "data.init_args.num_workers": 0,
+    "data.init_args.batch_size": 2,
+    "data.init_args.eval_batch_size": 2,
+    "data.init_args.seq_len": 16,
     "data.init_args.max_train_tokens": 5000,
 }
 SMOKE_EVAL_BATCHES, SMOKE_MAX_INFER_BATCH = 1, 4
@@ -127,8 +149,11 @@ def budget_overrides(budget: dict) -> dict:
         return {"trainer.max_epochs": budget["epochs"], "trainer.max_steps": -1}
     if "seconds" in budget:
         s = int(budget["seconds"])
-        return {"trainer.max_time": f"{s // 86400:02d}:{s // 3600 % 24:02d}:{s // 60 % 60:02d}:{s % 60:02d}",
-                "trainer.max_steps": budget["max_steps"], "trainer.max_epochs": -1}
+        return {
+            "trainer.max_time": f"{s // 86400:02d}:{s // 3600 % 24:02d}:{s // 60 % 60:02d}:{s % 60:02d}",
+            "trainer.max_steps": budget["max_steps"],
+            "trainer.max_epochs": -1,
+        }
     return {}
 
 
@@ -139,7 +164,11 @@ def jobs(spec: dict, smoke: bool, runs_root: Path) -> list[dict]:
         seeds = run.get("seeds", spec.get("seeds", [1234]))
         for seed in seeds[:1] if smoke else seeds:
             label = run["name"] if len(seeds) == 1 else f"{run['name']}_s{seed}"
-            overrides = {**budget_overrides(spec.get("budget", {})), **spec.get("overrides", {}), **run.get("overrides", {})}
+            overrides = {
+                **budget_overrides(spec.get("budget", {})),
+                **spec.get("overrides", {}),
+                **run.get("overrides", {}),
+            }
             if smoke:
                 overrides.update(SMOKE)
                 if "seconds" in spec.get("budget", {}):
@@ -151,20 +180,40 @@ def jobs(spec: dict, smoke: bool, runs_root: Path) -> list[dict]:
                 args += [f"--{key}", _cli_value(value)]
             command = "lightning fit " + " ".join(a.replace(str(ROOT) + os.sep, "") for a in args)
             args += [
-                "--trainer.default_root_dir", str(runs_root),
-                "--trainer.logger", json.dumps({"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {
-                    "save_dir": str(runs_root), "name": label, "default_hp_metric": False}}),
-                "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+                "--trainer.default_root_dir",
+                str(runs_root),
+                "--trainer.logger",
+                json.dumps(
+                    {
+                        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                        "init_args": {"save_dir": str(runs_root), "name": label, "default_hp_metric": False},
+                    }
+                ),
+                "--trainer.enable_progress_bar",
+                "false",
+                "--trainer.enable_model_summary",
+                "false",
             ]
-            out.append({
-                "name": run["name"], "label": label, "seed": seed, "config": _as_list(run["config"]),
-                "overrides": run.get("overrides", {}), "meta": run.get("meta", {}), "args": args, "command": command,
-                "measure": spec.get("measure", ["val_ppl"]),
-                "infer_batch_sizes": [min(b, SMOKE_MAX_INFER_BATCH) if smoke else b for b in spec.get("infer_batch_sizes", [1, 8, 64])],
-                "warmup_steps": 1 if smoke else spec.get("warmup_steps", 10),
-                "eval_batches": SMOKE_EVAL_BATCHES if smoke else 1.0, "infer_reps": 1 if smoke else 10,
-                "separate_process": int(overrides.get("trainer.devices", 1)) > 1,
-            })
+            out.append(
+                {
+                    "name": run["name"],
+                    "label": label,
+                    "seed": seed,
+                    "config": _as_list(run["config"]),
+                    "overrides": run.get("overrides", {}),
+                    "meta": run.get("meta", {}),
+                    "args": args,
+                    "command": command,
+                    "measure": spec.get("measure", ["val_ppl"]),
+                    "infer_batch_sizes": [
+                        min(b, SMOKE_MAX_INFER_BATCH) if smoke else b for b in spec.get("infer_batch_sizes", [1, 8, 64])
+                    ],
+                    "warmup_steps": 1 if smoke else spec.get("warmup_steps", 10),
+                    "eval_batches": SMOKE_EVAL_BATCHES if smoke else 1.0,
+                    "infer_reps": 1 if smoke else 10,
+                    "separate_process": int(overrides.get("trainer.devices", 1)) > 1,
+                }
+            )
     return out
 
 
@@ -178,8 +227,14 @@ class ValCurve(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking and "val/ppl" in trainer.callback_metrics:
             t = self.throughput  # its on_validation_start has read the training timers
-            self.points.append({"step": trainer.global_step, "tokens": t.tokens, "train_seconds": t.train_seconds,
-                                "val_ppl": float(trainer.callback_metrics["val/ppl"])})
+            self.points.append(
+                {
+                    "step": trainer.global_step,
+                    "tokens": t.tokens,
+                    "train_seconds": t.train_seconds,
+                    "val_ppl": float(trainer.callback_metrics["val/ppl"]),
+                }
+            )
 
 
 def _sync(device: torch.device) -> None:
@@ -229,19 +284,33 @@ def run_one(job: dict) -> dict | None:
     t = throughput.summary()
     record = {k: job[k] for k in ("name", "label", "seed", "overrides", "meta", "command")}
     record["config"] = " ".join(job["config"])
-    record.update(model=type(module.model).__name__, params=count_parameters(module.model), steps=trainer.global_step,
-                  tokens=t["tokens"], wall_s=wall_s, train_seconds=t["train_seconds"], curve=curve.points,
-                  **{k: t[k] for k in ("train_tokens_per_s", "step_ms", "peak_mem_gb", "gpu_busy")},
-                  train_metrics=_floats(trainer.callback_metrics, "train/"),
-                  val_metrics=_floats(trainer.callback_metrics, "val/"))  # the last validation of fit, if any
+    record.update(
+        model=type(module.model).__name__,
+        params=count_parameters(module.model),
+        steps=trainer.global_step,
+        tokens=t["tokens"],
+        wall_s=wall_s,
+        train_seconds=t["train_seconds"],
+        curve=curve.points,
+        **{k: t[k] for k in ("train_tokens_per_s", "step_ms", "peak_mem_gb", "gpu_busy")},
+        train_metrics=_floats(trainer.callback_metrics, "train/"),
+        val_metrics=_floats(trainer.callback_metrics, "val/"),
+    )  # the last validation of fit, if any
     measure = set(job["measure"])
     if trainer.world_size > 1:  # evaluation below is single-device; under DDP keep what fit logged
         return record
     # Evaluation: a single-device Trainer of the same precision, over the whole split (smoke: a few batches).
-    evaluator = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, logger=False,
-                          precision=trainer.precision_plugin.precision, enable_checkpointing=False,
-                          enable_progress_bar=False, enable_model_summary=False,
-                          limit_val_batches=job["eval_batches"], limit_test_batches=job["eval_batches"])
+    evaluator = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        logger=False,
+        precision=trainer.precision_plugin.precision,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=job["eval_batches"],
+        limit_test_batches=job["eval_batches"],
+    )
     if "val_ppl" in measure:
         metrics = evaluator.validate(module, datamodule, verbose=False)[0]
         record.update(val_ppl=metrics["val/ppl"], val_metrics=_floats(metrics, "val/"))
@@ -277,15 +346,24 @@ def _collect(proc: subprocess.Popen, path: Path) -> dict:
 
 # ------------------------------------------------------------------------------------- the spec
 def environment(spec: dict, smoke: bool) -> dict:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=False
+    ).stdout.strip()
     cuda = torch.cuda.is_available() and not smoke
     return {
-        "spec": spec["name"], "description": spec.get("description", ""),
+        "spec": spec["name"],
+        "description": spec.get("description", ""),
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})",
-        "torch": torch.__version__, "lightning": L.__version__, "git_commit": commit + ("-dirty" if dirty else ""),
-        "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]), "smoke": smoke,
-        "budget": spec.get("budget", {}), "parallel": spec.get("parallel", 1),
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+        "git_commit": commit + ("-dirty" if dirty else ""),
+        "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
+        "smoke": smoke,
+        "budget": spec.get("budget", {}),
+        "parallel": spec.get("parallel", 1),
     }
 
 
@@ -352,9 +430,16 @@ def _fmt(mean: float | None, sd: float | None) -> str:
 
 def columns(report: dict, spec: dict) -> list[tuple[str, str]]:
     """(header, record key, divisor) of the table's columns that some record holds."""
-    cols = [("params", "params"), ("steps", "steps"), ("tokens", "tokens"), ("fit s", "wall_s"),
-            ("val ppl", "val_ppl"), ("test ppl", "test_ppl"), ("train tok/s", "train_tokens_per_s"),
-            ("step ms", "step_ms")]
+    cols = [
+        ("params", "params"),
+        ("steps", "steps"),
+        ("tokens", "tokens"),
+        ("fit s", "wall_s"),
+        ("val ppl", "val_ppl"),
+        ("test ppl", "test_ppl"),
+        ("train tok/s", "train_tokens_per_s"),
+        ("step ms", "step_ms"),
+    ]
     sizes = sorted({b for r in report["records"] for b in r.get("infer_tokens_per_s", {})}, key=int)
     cols += [(f"infer tok/s B={b}", f"infer_tokens_per_s.{b}") for b in sizes]
     cols += [("MFLOP/token (body)", "flops_per_token_body"), ("peak GB", "peak_mem_gb"), ("GPU busy", "gpu_busy")]
@@ -369,18 +454,33 @@ def markdown(report: dict, spec: dict) -> str:
         groups.setdefault(r["name"], []).append(r)
     cols = columns(report, spec)
     base = groups.get(spec.get("baseline"))
-    lines = [f"# {spec.get('description') or spec['name']}", "",
-             ("**SMOKE RUN: tiny sizes on a CPU; the numbers check the code and measure nothing.**\n\n" if report["smoke"] else "")
-             + f"Made by `python -m benchmarks.run benchmarks/specs/{spec['name']}.yaml{' --smoke' * report['smoke']}` "
-             f"on {report['device']}, "
-             f"torch {report['torch']}, commit {report['git_commit']}. Budget: {report['budget'] or 'as configured'}. "
-             "Val/test ppl: token-weighted over the whole split after training; tokens/s: wall-clock (CUDA events on a GPU), "
-             "warm-up excluded; FLOPs: executed matrix products per token without the LM head "
-             "(torch.utils.flop_counter). Several seeds: mean ± sd.", ""]
+    lines = [
+        f"# {spec.get('description') or spec['name']}",
+        "",
+        (
+            "**SMOKE RUN: tiny sizes on a CPU; the numbers check the code and measure nothing.**\n\n"
+            if report["smoke"]
+            else ""
+        )
+        + f"Made by `python -m benchmarks.run benchmarks/specs/{spec['name']}.yaml{' --smoke' * report['smoke']}` "
+        f"on {report['device']}, "
+        f"torch {report['torch']}, commit {report['git_commit']}. Budget: {report['budget'] or 'as configured'}. "
+        "Val/test ppl: token-weighted over the whole split after training; tokens/s: wall-clock (CUDA events on a GPU), "
+        "warm-up excluded; FLOPs: executed matrix products per token without the LM head "
+        "(torch.utils.flop_counter). Several seeds: mean ± sd.",
+        "",
+    ]
     if report["parallel"] > 1:
-        lines += [f"Runs shared the device ({report['parallel']} at once): compare their tokens, not their timings.", ""]
+        lines += [
+            f"Runs shared the device ({report['parallel']} at once): compare their tokens, not their timings.",
+            "",
+        ]
     ratio_cols = [(h, k) for h, k, _ in cols if k in ("val_ppl", "train_tokens_per_s") or k.startswith("infer_tokens")]
-    header = ["run", "seeds"] + [h for h, _, _ in cols] + ([f"{h} ÷ {spec['baseline']}" for h, _ in ratio_cols] if base else [])
+    header = (
+        ["run", "seeds"]
+        + [h for h, _, _ in cols]
+        + ([f"{h} ÷ {spec['baseline']}" for h, _ in ratio_cols] if base else [])
+    )
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
     for name, recs in groups.items():
         row = [name, ",".join(str(r["seed"]) for r in recs)] + [_fmt(*_mean(recs, k, d)) for _, k, d in cols]
@@ -391,9 +491,14 @@ def markdown(report: dict, spec: dict) -> str:
         lines.append("| " + " | ".join(row) + " |")
     if report.get("cumulative"):
         c = report["cumulative"]
-        lines += ["", (f"Cumulative (best measured combination against {c['baseline']}, same run): {c['variant']}: "
-                       f"training {c['train_speedup']:.2f}x, inference {c['infer_speedup']:.2f}x (batch {c['infer_batch']}), "
-                       f"val ppl {c['ppl_ratio']:.2f}x.")]
+        lines += [
+            "",
+            (
+                f"Cumulative (best measured combination against {c['baseline']}, same run): {c['variant']}: "
+                f"training {c['train_speedup']:.2f}x, inference {c['infer_speedup']:.2f}x (batch {c['infer_batch']}), "
+                f"val ppl {c['ppl_ratio']:.2f}x."
+            ),
+        ]
     lines += ["", "Commands (each run is this `lightning fit`, measured by the runner):", ""]
     lines += [f"- {r['label']}: `{r['command']}`" for r in report["records"]]
     return "\n".join(lines) + "\n"
@@ -411,9 +516,14 @@ def cumulative(report: dict, spec: dict) -> dict | None:
     rows = []
     for r in report["records"]:
         if len(r["meta"].get(conf.get("techniques_key", "techniques"), [])) >= 2 and r.get("val_ppl"):
-            rows.append({"variant": r["name"], "train_speedup": r["train_tokens_per_s"] / base["train_tokens_per_s"],
-                         "infer_speedup": r["infer_tokens_per_s"][batch] / base["infer_tokens_per_s"][batch],
-                         "ppl_ratio": r["val_ppl"] / base["val_ppl"]})
+            rows.append(
+                {
+                    "variant": r["name"],
+                    "train_speedup": r["train_tokens_per_s"] / base["train_tokens_per_s"],
+                    "infer_speedup": r["infer_tokens_per_s"][batch] / base["infer_tokens_per_s"][batch],
+                    "ppl_ratio": r["val_ppl"] / base["val_ppl"],
+                }
+            )
     if not rows:
         return None
     best = max(rows, key=lambda c: (c["ppl_ratio"] <= conf.get("max_ppl_ratio", 1.05), c["infer_speedup"]))
@@ -432,7 +542,9 @@ def plot(report: dict, figure: dict, path: Path) -> None:
     for r in records:
         if figure.get("kind", "scatter") == "curve":
             points = r.get("curve") or []
-            ax.plot([p[figure["x"]] for p in points], [p[figure["y"]] for p in points], marker="o", ms=3, label=r["label"])
+            ax.plot(
+                [p[figure["x"]] for p in points], [p[figure["y"]] for p in points], marker="o", ms=3, label=r["label"]
+            )
         else:
             x, y = value(r, figure["x"]), value(r, figure["y"])
             if x is not None and y is not None:
@@ -456,7 +568,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     p.add_argument("spec", nargs="?", help="a YAML spec, e.g. benchmarks/specs/lm_compare.yaml")
     p.add_argument("--smoke", action="store_true", help="tiny CPU runs that check the spec in about a minute")
-    p.add_argument("--out", help="folder for <spec>.json/.md/.png (default benchmarks/results; smoke: runs/bench_smoke)")
+    p.add_argument(
+        "--out", help="folder for <spec>.json/.md/.png (default benchmarks/results; smoke: runs/bench_smoke)"
+    )
     p.add_argument("--only", nargs="+", help="run only these run names")
     p.add_argument("--check", action="store_true", help="build every run (configs + overrides), train nothing")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # a job file: run it, write <job>.result.json

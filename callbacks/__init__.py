@@ -11,5 +11,15 @@ from callbacks.sparsity_temperature import SparsityTemperature
 from callbacks.throughput import Throughput
 from callbacks.tokens_per_second import TokensPerSecond
 
-__all__ = ["ActiveLearning", "ContinuedRun", "Curriculum", "FlopsPerToken", "ModelSummaryWithoutFlops",
-           "RichStepProgressBar", "SparsityTemperature", "TQDMStepProgressBar", "Throughput", "TokensPerSecond"]
+__all__ = [
+    "ActiveLearning",
+    "ContinuedRun",
+    "Curriculum",
+    "FlopsPerToken",
+    "ModelSummaryWithoutFlops",
+    "RichStepProgressBar",
+    "SparsityTemperature",
+    "TQDMStepProgressBar",
+    "Throughput",
+    "TokensPerSecond",
+]

@@ -37,8 +37,13 @@ import torch
 from callbacks.scoring import SCORES, DataSelectionCallback
 
 
-def select(scores: torch.Tensor, pool: torch.Tensor, keep_fraction: float, random_fraction: float,
-           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def select(
+    scores: torch.Tensor,
+    pool: torch.Tensor,
+    keep_fraction: float,
+    random_fraction: float,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
     """Ids kept from `pool` (scores[i] belongs to pool[i]): the top (1 - random_fraction) * k by
     score (ties by position in the pool), then random_fraction * k drawn uniformly from the rest;
     k = ceil(keep_fraction * len(pool)), at least 1."""
@@ -106,8 +111,12 @@ class ActiveLearning(DataSelectionCallback):
 
     def _due(self, step: int, max_steps: int = -1) -> bool:
         """A round at `step` (the index of the next optimizer step); none once max_steps is reached."""
-        return (step >= self.start_step and (step - self.start_step) % self.every_n_steps == 0
-                and step != self.last_round_step and (max_steps < 0 or step < max_steps))
+        return (
+            step >= self.start_step
+            and (step - self.start_step) % self.every_n_steps == 0
+            and step != self.last_round_step
+            and (max_steps < 0 or step < max_steps)
+        )
 
     def _generator(self, round_: int) -> torch.Generator:
         seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
@@ -133,8 +142,11 @@ class ActiveLearning(DataSelectionCallback):
         self.rounds += 1
         self.last_round_step = trainer.global_step
         # logged with the next batch (self.log is not allowed per step in on_train_start)
-        self._round_logs = {"active/pool_score": float(scores.mean()), "active/kept_score": float(kept_scores.mean()),
-                            "active/round": float(self.rounds)}
+        self._round_logs = {
+            "active/pool_score": float(scores.mean()),
+            "active/kept_score": float(kept_scores.mean()),
+            "active/round": float(self.rounds),
+        }
         return kept
 
     # ---- hooks --------------------------------------------------------------------------

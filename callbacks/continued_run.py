@@ -41,7 +41,9 @@ class ContinuedRun(L.Callback):
         if trainer.ckpt_path is not None:
             rank_zero_info(resume_line(trainer, pl_module))
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._align_step:
             self._align_step = False
             trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
@@ -51,7 +53,7 @@ class ContinuedRun(L.Callback):
 
 
 def resume_line(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
-    """"resuming <run> at step N of M" and, if M is not the LR schedule's length, what that means."""
+    """ "resuming <run> at step N of M" and, if M is not the LR schedule's length, what that means."""
     run = trainer.log_dir if trainer.loggers else str(trainer.ckpt_path)
     step, total = trainer.global_step, trainer.estimated_stepping_batches
     line = f"resuming {run} at step {step} of {total}"

@@ -64,8 +64,9 @@ def competence(step: int, full_at: int, start_fraction: float, pacing: str = "li
     return min(1.0, c)
 
 
-def subset_size(step: int, n: int, full_at: int, start_fraction: float, pacing: str = "linear",
-                num_stages: int = 4) -> int:
+def subset_size(
+    step: int, n: int, full_at: int, start_fraction: float, pacing: str = "linear", num_stages: int = 4
+) -> int:
     """Number of windows active at `step`: ceil(c(step) * n), at least 1."""
     c = competence(step, full_at, start_fraction, pacing, num_stages)
     return max(1, min(n, math.ceil(c * n - 1e-9)))
@@ -76,8 +77,9 @@ def easiest_first(difficulty: torch.Tensor) -> torch.Tensor:
     return torch.sort(difficulty, stable=True).indices
 
 
-def unigram_surprisal(stream: torch.Tensor, seq_len: int, n_windows: int,
-                      vocab_size: Optional[int] = None) -> torch.Tensor:
+def unigram_surprisal(
+    stream: torch.Tensor, seq_len: int, n_windows: int, vocab_size: Optional[int] = None
+) -> torch.Tensor:
     """Mean -log p(w) over each window's targets stream[i*L+1 : i*L+L+1], p = (count + 1) / (N + V)
     with counts from `stream` itself (the training split)."""
     vocab = int(stream.max()) + 1 if vocab_size is None else max(vocab_size, int(stream.max()) + 1)
@@ -184,7 +186,7 @@ class Curriculum(DataSelectionCallback):
                 network = getattr(pl_module, "model", None)
                 if not isinstance(network, torch.nn.Module):
                     raise ValueError("Curriculum: a reference .ckpt needs a LanguageModel-like module with .model")
-                weights = {k[len("model."):]: v for k, v in obj["state_dict"].items() if k.startswith("model.")}
+                weights = {k[len("model.") :]: v for k, v in obj["state_dict"].items() if k.startswith("model.")}
                 ref = copy.deepcopy(network)
                 ref.load_state_dict(weights)
                 scores = self.score(trainer, pl_module, torch.arange(n), "loss", model=ref)
@@ -221,14 +223,21 @@ class Curriculum(DataSelectionCallback):
         if self.should_log(trainer):
             active = dm.train_subset
             subset_scores = self.scores if active is None else self.scores[active]
-            logs = {"curriculum/active_fraction": (n if active is None else len(active)) / n,
-                    "curriculum/subset_difficulty": float(subset_scores.mean())}
+            logs = {
+                "curriculum/active_fraction": (n if active is None else len(active)) / n,
+                "curriculum/subset_difficulty": float(subset_scores.mean()),
+            }
             pl_module.log_dict(logs, on_step=True, on_epoch=False, batch_size=1)
             if isinstance(batch, dict) and "index" in batch:  # the batch's mean difficulty, computed where the batch is
                 if self._scores_on is None or self._scores_on.device != batch["index"].device:
                     self._scores_on = self.scores.float().to(batch["index"].device)
-                pl_module.log("curriculum/batch_difficulty", self._scores_on[batch["index"]].mean(),
-                              on_step=True, on_epoch=False, batch_size=1)
+                pl_module.log(
+                    "curriculum/batch_difficulty",
+                    self._scores_on[batch["index"]].mean(),
+                    on_step=True,
+                    on_epoch=False,
+                    batch_size=1,
+                )
             self.log_budget(pl_module)
         step = trainer.global_step  # the next step's index
         more = trainer.max_steps < 0 or step < trainer.max_steps  # no rescoring after the last step

@@ -49,8 +49,9 @@ def window_scores(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> tor
     logits = logits.float()
     mask = targets != IGNORE_INDEX
     if kind == "loss":
-        per_token = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                    reduction="none").view_as(targets)
+        per_token = F.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view_as(targets)
     elif kind == "entropy":
         logp = logits.log_softmax(-1)
         per_token = -(logp.exp() * logp).sum(-1)
@@ -132,8 +133,14 @@ class DataSelectionCallback(Callback):
         return dm
 
     # ---- scoring ------------------------------------------------------------------------
-    def score(self, trainer: L.Trainer, pl_module: L.LightningModule, ids: torch.Tensor, kind: str,
-              model: Optional[torch.nn.Module] = None) -> torch.Tensor:
+    def score(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        ids: torch.Tensor,
+        kind: str,
+        model: Optional[torch.nn.Module] = None,
+    ) -> torch.Tensor:
         """Scores of training windows `ids` (all ranks get all scores; each rank scores its 1/W
         share), with the cost added to the running totals."""
         dm = self.datamodule(trainer)
@@ -142,8 +149,9 @@ class DataSelectionCallback(Callback):
         mine = ids[rank::world]
         precision = getattr(trainer, "precision_plugin", None)
         autocast = precision.forward_context if precision is not None else None
-        scores, cost = score_examples(model, dm.train_dataset, mine, kind, self.score_batch_size,
-                                      device=pl_module.device, autocast=autocast)
+        scores, cost = score_examples(
+            model, dm.train_dataset, mine, kind, self.score_batch_size, device=pl_module.device, autocast=autocast
+        )
         if world > 1:
             width = math.ceil(len(ids) / world)
             padded = torch.zeros(width, dtype=torch.float64, device=pl_module.device)
@@ -173,13 +181,18 @@ class DataSelectionCallback(Callback):
     def log_budget(self, pl_module: L.LightningModule) -> None:
         pl_module.log_dict(
             {"budget/scoring_seconds": float(self.scoring_seconds), "budget/scoring_flops": float(self.scoring_flops)},
-            on_step=True, on_epoch=False, batch_size=1,
+            on_step=True,
+            on_epoch=False,
+            batch_size=1,
         )
 
     # ---- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"scoring_seconds": self.scoring_seconds, "scoring_flops": self.scoring_flops,
-                "scored_examples": self.scored_examples}
+        return {
+            "scoring_seconds": self.scoring_seconds,
+            "scoring_flops": self.scoring_flops,
+            "scored_examples": self.scored_examples,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.scoring_seconds = float(state_dict.get("scoring_seconds", 0.0))

@@ -48,7 +48,9 @@ class SparsityTemperature(L.Callback):
                 "remove callbacks.SparsityTemperature from trainer.callbacks"
             )
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         tau = annealed_tau(trainer.global_step, self.start, self.end, self.anneal_steps)
         set_temperature(pl_module.model, tau)
         pl_module.log("train/tau", tau, batch_size=1)

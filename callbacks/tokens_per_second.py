@@ -40,7 +40,12 @@ class TokensPerSecond(L.Callback):
         self._val_start, self._val_tokens = time.perf_counter(), 0
 
     def on_validation_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
         self._val_tokens += batch["input_ids"].numel()

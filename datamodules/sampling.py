@@ -66,8 +66,13 @@ class Segment:
         return self.weights is None or torch.equal(self.weights, other.weights)
 
     def to_state(self) -> dict:
-        return {"start": self.start, "ids": self.ids.clone(), "mode": self.mode,
-                "weights": None if self.weights is None else self.weights.clone(), "uid": self.uid}
+        return {
+            "start": self.start,
+            "ids": self.ids.clone(),
+            "mode": self.mode,
+            "weights": None if self.weights is None else self.weights.clone(),
+            "uid": self.uid,
+        }
 
     @classmethod
     def from_state(cls, state: dict) -> "Segment":
@@ -232,26 +237,40 @@ class SubsetSampler(DistributedSampler):
         consumed = self._drawn if consumed is None else max(0, min(consumed, len(self)))
         if not self._started:
             consumed = 0
-        segments = [s for i, s in enumerate(self._segments)
-                    if i + 1 == len(self._segments) or self._segments[i + 1].start > consumed]
+        segments = [
+            s
+            for i, s in enumerate(self._segments)
+            if i + 1 == len(self._segments) or self._segments[i + 1].start > consumed
+        ]
         return {
-            "version": 1, "n": self.n, "seed": self.seed, "num_replicas": self.num_replicas,
-            "epoch": self.epoch, "consumed": consumed, "started": self._started,
-            "segments": [s.to_state() for s in segments], "next_uid": self._next_uid,
+            "version": 1,
+            "n": self.n,
+            "seed": self.seed,
+            "num_replicas": self.num_replicas,
+            "epoch": self.epoch,
+            "consumed": consumed,
+            "started": self._started,
+            "segments": [s.to_state() for s in segments],
+            "next_uid": self._next_uid,
         }
 
     def load_state_dict(self, state: dict) -> None:
         if state["n"] != self.n:
-            raise ValueError(f"sampler state is for {state['n']} examples, this training set has {self.n}; "
-                             "the data (source, seq_len, max_train_tokens) must match the checkpoint's")
+            raise ValueError(
+                f"sampler state is for {state['n']} examples, this training set has {self.n}; "
+                "the data (source, seq_len, max_train_tokens) must match the checkpoint's"
+            )
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
         self._next_uid = int(state["next_uid"])
         segments = [Segment.from_state(s) for s in state["segments"]]
         consumed = int(state["consumed"])
         if state["num_replicas"] != self.num_replicas:  # positions are per rank: rescale them
-            warnings.warn(f"resuming a sampler saved with {state['num_replicas']} ranks on {self.num_replicas}: "
-                          "the epoch continues at the same fraction, not the exact sample sequence", stacklevel=2)
+            warnings.warn(
+                f"resuming a sampler saved with {state['num_replicas']} ranks on {self.num_replicas}: "
+                "the epoch continues at the same fraction, not the exact sample sequence",
+                stacklevel=2,
+            )
             scale = state["num_replicas"] / self.num_replicas
             consumed = int(consumed * scale)
             for s in segments:

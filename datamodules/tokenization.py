@@ -141,9 +141,7 @@ class WordTokenizer:
         return cls(data["vocab"])
 
     @classmethod
-    def cached(
-        cls, train_lines: Iterable[str], cache_dir: str | os.PathLike, train_hash: str
-    ) -> WordTokenizer:
+    def cached(cls, train_lines: Iterable[str], cache_dir: str | os.PathLike, train_hash: str) -> WordTokenizer:
         """Load the vocabulary of the training file with content hash `train_hash` from
         `cache_dir/vocab/`, or build it from `train_lines` and save it there. On a hit,
         `train_lines` is never iterated (pass a generator to keep a warm start cheap)."""

@@ -397,7 +397,7 @@ def find_split_files(directory: Path) -> dict[str, Path]:
 def _is_empty(path: Path) -> bool:
     """Whether the file holds no text; a ValueError naming the file if it cannot be read."""
     try:
-        with (lzma.open(path, "rb") if path.suffix == ".xz" else open(path, "rb")) as f:
+        with lzma.open(path, "rb") if path.suffix == ".xz" else open(path, "rb") as f:
             return f.read(1) == b""
     except (OSError, lzma.LZMAError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
@@ -413,7 +413,7 @@ def _unreadable_file(files: dict[str, Path]) -> str | None:
         offset = 0
         decoder = codecs.getincrementaldecoder("utf-8")()
         try:
-            with (lzma.open(path, "rb") if path.suffix == ".xz" else open(path, "rb")) as f:
+            with lzma.open(path, "rb") if path.suffix == ".xz" else open(path, "rb") as f:
                 while block := f.read(1 << 20):
                     decoder.decode(block)
                     offset += len(block)

@@ -88,10 +88,16 @@ def read_checkpoint(path: _PATH) -> dict[str, Any]:
     except Exception as err:  # noqa: BLE001 - whatever torch.load says, the file is not a usable checkpoint
         reason = (str(err).splitlines() or [type(err).__name__])[0].split(". ")[0]  # torch's first sentence
         if head.startswith(b"PK"):  # torch.save's zip container
-            raise ValueError(f"checkpoint {str(path)!r} is truncated or corrupt ({size} bytes; {reason}); {fix}") from None
+            raise ValueError(
+                f"checkpoint {str(path)!r} is truncated or corrupt ({size} bytes; {reason}); {fix}"
+            ) from None
         raise ValueError(f"{str(path)!r} is not a checkpoint (torch.load: {reason}); {fix}") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "global_step" not in checkpoint:
-        what = f"a dict with keys {sorted(checkpoint)[:4]}" if isinstance(checkpoint, dict) else f"a {type(checkpoint).__name__}"
+        what = (
+            f"a dict with keys {sorted(checkpoint)[:4]}"
+            if isinstance(checkpoint, dict)
+            else f"a {type(checkpoint).__name__}"
+        )
         raise ValueError(
             f"{str(path)!r} is not a Lightning checkpoint (it holds {what}, no state_dict and global_step; "
             f"a bare model state_dict cannot resume a run); {fix}"

@@ -108,17 +108,27 @@ class GradientCachingLanguageModel(LanguageModel):
     ):
         super().__init__(*args, **kwargs)
         if accumulate_grad_batches < 1:
-            raise ValueError(f"GradientCachingLanguageModel: accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}.")
+            raise ValueError(
+                f"GradientCachingLanguageModel: accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}."
+            )
         if gradient_clip_val is not None and gradient_clip_val < 0:
-            raise ValueError(f"GradientCachingLanguageModel: gradient_clip_val must be >= 0 or None, got {gradient_clip_val}.")
+            raise ValueError(
+                f"GradientCachingLanguageModel: gradient_clip_val must be >= 0 or None, got {gradient_clip_val}."
+            )
         if sketch_dim < 1:
             raise ValueError(f"GradientCachingLanguageModel: sketch_dim must be >= 1, got {sketch_dim}.")
         if cache_dtype not in ("bfloat16", "float32"):
-            raise ValueError(f"GradientCachingLanguageModel: cache_dtype must be 'bfloat16' or 'float32', got {cache_dtype!r}.")
+            raise ValueError(
+                f"GradientCachingLanguageModel: cache_dtype must be 'bfloat16' or 'float32', got {cache_dtype!r}."
+            )
         if cache_device not in ("device", "cpu"):
-            raise ValueError(f"GradientCachingLanguageModel: cache_device must be 'device' or 'cpu', got {cache_device!r}.")
+            raise ValueError(
+                f"GradientCachingLanguageModel: cache_device must be 'device' or 'cpu', got {cache_device!r}."
+            )
         if key not in ("mean_embedding", "token_histogram"):
-            raise ValueError(f"GradientCachingLanguageModel: key must be 'mean_embedding' or 'token_histogram', got {key!r}.")
+            raise ValueError(
+                f"GradientCachingLanguageModel: key must be 'mean_embedding' or 'token_histogram', got {key!r}."
+            )
         self.automatic_optimization = False
         self.threshold, self.hit_grad_scale, self.monitor_hits = threshold, hit_grad_scale, monitor_hits
         self.key_kind, self.sketch_dim = key, sketch_dim
@@ -169,7 +179,9 @@ class GradientCachingLanguageModel(LanguageModel):
 
     # ------------------------------------------------------------------------------- lookup
     def _distributed(self) -> bool:
-        return self._trainer is not None and self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
+        return (
+            self._trainer is not None and self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
+        )
 
     def _lookup(self, key: torch.Tensor) -> tuple[int | None, float]:
         """This rank's best entry and its similarity (a hit if >= threshold, before the ranks agree)."""
@@ -331,7 +343,10 @@ class GradientCachingLanguageModel(LanguageModel):
     # ----------------------------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["gradient_cache_counters"] = {"hits": self.hits, "lookups": self.lookups}  # the cache itself is dropped
+        checkpoint["gradient_cache_counters"] = {
+            "hits": self.hits,
+            "lookups": self.lookups,
+        }  # the cache itself is dropped
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)

@@ -274,8 +274,9 @@ class LanguageModel(L.LightningModule):
             # A zero loss on every parameter (Lightning refuses None under DDP, whose backward must run on all ranks).
             return sum((p.flatten()[:1] * 0.0).sum() for p in self.parameters() if p.requires_grad)
         if self.nonfinite == "stop":
-            self._watch.note(~torch.isfinite(result.loss), self.global_step, batch_idx, result.loss,
-                             result.logs["ce"], -1)
+            self._watch.note(
+                ~torch.isfinite(result.loss), self.global_step, batch_idx, result.loss, result.logs["ce"], -1
+            )
             self._check_nonfinite(self._check_due())
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", result.loss.detach(), prog_bar=True, batch_size=bs)
@@ -299,7 +300,9 @@ class LanguageModel(L.LightningModule):
         if self._all_ranks(event is None):
             return
         if event is None:
-            raise FloatingPointError(f"non-finite train loss or gradient on another rank by global step {self.global_step}.")
+            raise FloatingPointError(
+                f"non-finite train loss or gradient on another rank by global step {self.global_step}."
+            )
         if event["what"] < 0:
             what = f"train loss ({event['loss']}, ce = {event['ce']})"
         else:
@@ -335,8 +338,9 @@ class LanguageModel(L.LightningModule):
             finite = torch.isfinite(norms)
             first_bad = self._param_index(with_grad, norms.device)[torch.argmin(finite.int())]
             zero = torch.zeros((), device=norms.device)
-            self._watch.note(~finite.all(), self.global_step, self.trainer.fit_loop.epoch_loop.batch_idx, zero, zero,
-                             first_bad)
+            self._watch.note(
+                ~finite.all(), self.global_step, self.trainer.fit_loop.epoch_loop.batch_idx, zero, zero, first_bad
+            )
             self._check_nonfinite(self._check_due())
             return
         if bool(torch.isfinite(norms.sum())):
@@ -485,7 +489,6 @@ class LanguageModel(L.LightningModule):
                 for summary in hparams(flat, metrics):
                     writer.add_summary(summary)
         self._hparams_summary_written = True
-
 
 
 def check_hyperparameters(

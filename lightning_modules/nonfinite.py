@@ -24,8 +24,9 @@ class NonFiniteWatch:
     def reset(self) -> None:
         self.record = None
 
-    def note(self, bad: torch.Tensor, step: int, batch: int, loss: torch.Tensor, ce: torch.Tensor,
-             what: torch.Tensor | int) -> None:
+    def note(
+        self, bad: torch.Tensor, step: int, batch: int, loss: torch.Tensor, ce: torch.Tensor, what: torch.Tensor | int
+    ) -> None:
         """Remember this event if `bad` (a 0-d bool tensor) holds and no earlier one was noted.
         No host synchronisation: `bad`, `loss`, `ce` and `what` stay on their device."""
         device = loss.device

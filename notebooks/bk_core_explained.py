@@ -70,8 +70,9 @@ def _time(fn, device, reps: int, warmup: int = 2) -> float:
     return 1e3 * statistics.median(times)
 
 
-def timings(ns, batch: int = 8, heads: int = 4, head_dim: int = 64, reps: int = 5, backward: bool = True,
-            device=None) -> list[dict]:
+def timings(
+    ns, batch: int = 8, heads: int = 4, head_dim: int = 64, reps: int = 5, backward: bool = True, device=None
+) -> list[dict]:
     """Median ms of one BK-core call (causal, float32, method auto; forward + backward when
     `backward`) and of causal scaled_dot_product_attention on (B, heads, N, head_dim) (bf16 on CUDA,
     float32 on CPU) at the same B and N."""
@@ -81,8 +82,10 @@ def timings(ns, batch: int = 8, heads: int = 4, head_dim: int = 64, reps: int = 
     for n in ns:
         v = _potential(n, batch, 0.5, device=device).requires_grad_(backward)
         h0, sub, sup = laplacian_couplings(batch, n, device=device)
-        q, k, vv = (torch.randn(batch, heads, n, head_dim, device=device, dtype=dtype).requires_grad_(backward)
-                    for _ in range(3))
+        q, k, vv = (
+            torch.randn(batch, heads, n, head_dim, device=device, dtype=dtype).requires_grad_(backward)
+            for _ in range(3)
+        )
 
         def bk():
             g = green_diagonal(h0 + v, sub, sup, 1j, causal=True, validate=False)

@@ -46,7 +46,6 @@ from resnet_bk.reference.bk_recurrences import (
 Method = Literal["auto", "scan", "sequential", "triton"]
 
 
-
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
@@ -167,9 +166,13 @@ def green_diagonal(
     return ResolventDiagonal.apply(alpha, k, causal, method)
 
 
-
-
 __all__ = [
-    "green_diagonal", "use_method", "resolve_method", "dense_green_diagonal", "laplacian_couplings",
-    "resolvent_bound", "tridiagonal_matrix", "ComplexLike",
+    "green_diagonal",
+    "use_method",
+    "resolve_method",
+    "dense_green_diagonal",
+    "laplacian_couplings",
+    "resolvent_bound",
+    "tridiagonal_matrix",
+    "ComplexLike",
 ]

@@ -80,7 +80,10 @@ DESCRIPTION = (
     "fit --model.help LanguageModel, fit --model.init_args.network.help ResNetBKLM (or another network), "
     "fit --data.help WikiTextDataModule; a config with every default filled in: fit --config C --print_config."
 )
-TENSORBOARD_LOGGERS = ("lightning.pytorch.loggers.TensorBoardLogger", "lightning.pytorch.loggers.tensorboard.TensorBoardLogger")
+TENSORBOARD_LOGGERS = (
+    "lightning.pytorch.loggers.TensorBoardLogger",
+    "lightning.pytorch.loggers.tensorboard.TensorBoardLogger",
+)
 LIGHTNING_DEFAULT_LOG_EVERY_N_STEPS = 50
 
 # Recorded in every saved config (unlike LightningCLI's trainer_defaults callbacks, which are not).
@@ -301,7 +304,7 @@ class ResNetBKCLI(LightningCLI):
 
 
 def resolve_ckpt_path(ckpt_path: str, experiment_dir: Path) -> str:
-    """"last": the newest <experiment_dir>/version_*/checkpoints/last*.ckpt; a path: itself, if it exists."""
+    """ "last": the newest <experiment_dir>/version_*/checkpoints/last*.ckpt; a path: itself, if it exists."""
     if ckpt_path in ("best", "hpc") or "://" in ckpt_path:
         return ckpt_path  # Lightning resolves these
     if ckpt_path == "last":

@@ -92,7 +92,7 @@ def yaml_spelling_of_nonfinite(args: list[str]) -> list[str]:
 
 
 def nearest_key_hint(message: str, option_strings: list[str]) -> str:
-    """"; did you mean X?" for an unknown key named in a jsonargparse error `message`, else ""."""
+    """ "; did you mean X?" for an unknown key named in a jsonargparse error `message`, else ""."""
     unknown = re.search(r"Option '([\w.]+)' is not accepted", message)
     if unknown:  # an init arg of a class: the innermost class_path the message names
         classes = re.findall(r"class_path[ =]'([\w.]+)'", message)

@@ -43,7 +43,10 @@ def sample(
                 kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             probs = logits.softmax(-1)
-            nxt = torch.multinomial(probs.cpu() if generator is not None and generator.device.type == "cpu" else probs,
-                                    1, generator=generator).to(ids.device)
+            nxt = torch.multinomial(
+                probs.cpu() if generator is not None and generator.device.type == "cpu" else probs,
+                1,
+                generator=generator,
+            ).to(ids.device)
         ids = torch.cat([ids, nxt], dim=1)
     return ids[0] if squeeze else ids

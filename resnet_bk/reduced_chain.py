@@ -118,9 +118,15 @@ def reduced_green_diagonal(
     if k == 0:
         return torch.zeros((b, 0), dtype=cdtype, device=v_kept.device)
     # The run table in double precision (a (K_max_run + 1,) vector: negligible), then cast down.
-    v_s = v_skip.to(torch.float64) if isinstance(v_skip, torch.Tensor) else torch.tensor(float(v_skip), dtype=torch.float64)
+    v_s = (
+        v_skip.to(torch.float64)
+        if isinstance(v_skip, torch.Tensor)
+        else torch.tensor(float(v_skip), dtype=torch.float64)
+    )
     v_s = v_s.to(v_kept.device)
-    z_table, z_kept = (z.to(torch.complex128), z.to(cdtype)) if isinstance(z, torch.Tensor) else (complex(z), complex(z))
+    z_table, z_kept = (
+        (z.to(torch.complex128), z.to(cdtype)) if isinstance(z, torch.Tensor) else (complex(z), complex(z))
+    )
     alpha_s = (-2.0 + v_s).to(torch.complex128) - z_table
     max_run = int(run_lengths.max()) if run_lengths.numel() else 0
     rho_t, inv_u_t = (t.to(cdtype) for t in run_table(alpha_s, max_run))
@@ -139,7 +145,9 @@ def reduced_green_diagonal(
     return torch.cat([first, rest], dim=1)
 
 
-def scatter_potential(v_kept: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, n: int, v_skip) -> torch.Tensor:
+def scatter_potential(
+    v_kept: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, n: int, v_skip
+) -> torch.Tensor:
     """(B, K) kept potentials -> (B, N) full potential with v_skip at every skipped position."""
     b = v_kept.shape[0]
     full = torch.as_tensor(v_skip, dtype=v_kept.dtype, device=v_kept.device).expand(b, n).clone()
@@ -147,9 +155,7 @@ def scatter_potential(v_kept: torch.Tensor, positions: torch.Tensor, valid: torc
     return full.index_put((rows[valid], positions[valid]), v_kept[valid])
 
 
-def reduced_green_diagonal_reference(
-    v_kept: torch.Tensor, keep: torch.Tensor, v_skip, z: complex = 1j
-) -> torch.Tensor:
+def reduced_green_diagonal_reference(v_kept: torch.Tensor, keep: torch.Tensor, v_skip, z: complex = 1j) -> torch.Tensor:
     """Float64 dense reference for `reduced_green_diagonal`: the full (B, N) chain with v_skip at the
     skipped positions, inverted densely (bk_core.dense_green_diagonal), read at the kept positions.
     Returns (B, K) complex128 in `pack_kept`'s layout (0 on padding)."""
@@ -163,8 +169,14 @@ def reduced_green_diagonal_reference(
 
 
 def kept_green_diagonal_full(
-    v_kept: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, n: int, v_skip, z: complex = 1j,
-    method: str = "auto", out_dtype: Optional[torch.dtype] = None,
+    v_kept: torch.Tensor,
+    positions: torch.Tensor,
+    valid: torch.Tensor,
+    n: int,
+    v_skip,
+    z: complex = 1j,
+    method: str = "auto",
+    out_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """The same values by the full-length core: scatter into (B, N), green_diagonal at length N
     (Triton on CUDA), gather at the kept positions. (B, K) complex."""

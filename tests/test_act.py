@@ -180,17 +180,28 @@ def test_lightning_module_adds_ponder_and_logs_flops():
     from lightning_modules import LanguageModel
 
     torch.manual_seed(0)
-    module = LanguageModel(network=partial(ACTResNetBKLM, d_model=D, n_layers=2, num_experts=2, max_seq_len=16),
-                           vocab_size=V, aux_loss_weights={"load_balance": 0.01, "ponder": 0.5})
+    module = LanguageModel(
+        network=partial(ACTResNetBKLM, d_model=D, n_layers=2, num_experts=2, max_seq_len=16),
+        vocab_size=V,
+        aux_loss_weights={"load_balance": 0.01, "ponder": 0.5},
+    )
     batch = {"input_ids": torch.randint(0, V, (2, 8)), "targets": torch.randint(0, V, (2, 8)), "index": torch.arange(2)}
     result = module.compute_loss(batch, "train")
     expected = result.logs["ce"] + 0.01 * result.logs["aux/load_balance"] + 0.5 * result.logs["aux/ponder"]
     assert result.loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert "stats/layers_executed" in result.logs and "stats/halt_frac/1" in result.logs
 
-    trainer = L_.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[FlopsPerToken()])
-    metrics = trainer.validate(module, dataloaders=torch.utils.data.DataLoader([batch], batch_size=None), verbose=False)[0]
+    trainer = L_.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[FlopsPerToken()],
+    )
+    metrics = trainer.validate(
+        module, dataloaders=torch.utils.data.DataLoader([batch], batch_size=None), verbose=False
+    )[0]
     # 2 layers, both run at init (halting at layer 2): per token 2 * (16 D^2 + router + v/g proj) + head.
     body = metrics["val/flops_per_token_body"]
     assert body > 2 * 16 * D * D

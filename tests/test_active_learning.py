@@ -53,8 +53,9 @@ class Unsure(L.LightningModule):
 
 
 def setup_data(tmp_path, batch_size=4):
-    dm = WikiTextDataModule(source=str(write_corpus(tmp_path / "data")), seq_len=8, batch_size=batch_size,
-                            cache_dir=str(tmp_path / "cache"))
+    dm = WikiTextDataModule(
+        source=str(write_corpus(tmp_path / "data")), seq_len=8, batch_size=batch_size, cache_dir=str(tmp_path / "cache")
+    )
     dm.setup("fit")
     return dm
 
@@ -97,8 +98,9 @@ def test_prefers_high_entropy_examples(tmp_path):
     kept = select(scores, torch.arange(n), keep_fraction=len(unsure) / n, random_fraction=0.0)
     assert set(kept.tolist()) == unsure
     # with a random share, the top part is still all uncertain windows
-    kept = select(scores, torch.arange(n), keep_fraction=0.5, random_fraction=0.2,
-                  generator=torch.Generator().manual_seed(1))
+    kept = select(
+        scores, torch.arange(n), keep_fraction=0.5, random_fraction=0.2, generator=torch.Generator().manual_seed(1)
+    )
     assert set(kept[: len(unsure)].tolist()) == unsure
     # cost: FlopCounterMode on the first batch (2 * 8 positions * 4 * 4 per window), times n
     assert cost.flops == pytest.approx(n * 2 * 8 * 4 * 4) and cost.seconds > 0 and cost.examples == n
@@ -115,9 +117,17 @@ def test_rounds_through_a_trainer(tmp_path):
             seen.append(batch["index"].tolist())
 
     cb = ActiveLearning(every_n_steps=3, pool_size=None, keep_fraction=0.25, random_fraction=0.0, score="entropy")
-    trainer = L.Trainer(max_steps=7, accelerator="cpu", logger=False, callbacks=[cb, Spy()], enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        log_every_n_steps=1)
+    trainer = L.Trainer(
+        max_steps=7,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[cb, Spy()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        log_every_n_steps=1,
+    )
     trainer.fit(model, datamodule=dm)
     unsure = unsure_windows(dm)
     assert cb.rounds == 2 and cb.last_round_step == 6  # rounds at steps 3 and 6
@@ -130,8 +140,13 @@ def test_rounds_through_a_trainer(tmp_path):
 
 
 def test_bad_arguments():
-    for kwargs in ({"every_n_steps": 0}, {"keep_fraction": 1.5}, {"random_fraction": -0.1},
-                   {"score": "margin"}, {"pool_size": 0}):
+    for kwargs in (
+        {"every_n_steps": 0},
+        {"keep_fraction": 1.5},
+        {"random_fraction": -0.1},
+        {"score": "margin"},
+        {"pool_size": 0},
+    ):
         with pytest.raises(ValueError):
             ActiveLearning(**kwargs)
 
@@ -141,19 +156,50 @@ def test_config_trains_a_few_steps_on_cpu(tmp_path):
     from resnet_bk.cli import build
 
     data = write_corpus(tmp_path / "data")
-    cli = build([
-        "--config", str(CONFIGS / "active_learning.yaml"),
-        "--data.init_args.source", str(data), "--data.init_args.cache_dir", str(tmp_path / "cache"),
-        "--data.init_args.seq_len", "8", "--data.init_args.batch_size", "4",
-        "--model.init_args.network.init_args.d_model", "16", "--model.init_args.network.init_args.n_layers", "1",
-        "--model.init_args.network.init_args.num_experts", "1", "--model.init_args.network.init_args.max_seq_len", "8",
-        "--model.init_args.warmup_steps", "1",
-        "--trainer.callbacks.init_args.every_n_steps", "1", "--trainer.callbacks.init_args.pool_size", "16",
-        "--trainer.accelerator", "cpu", "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
-        "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
-        "--trainer.default_root_dir", str(tmp_path / "runs"),
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-    ])
+    cli = build(
+        [
+            "--config",
+            str(CONFIGS / "active_learning.yaml"),
+            "--data.init_args.source",
+            str(data),
+            "--data.init_args.cache_dir",
+            str(tmp_path / "cache"),
+            "--data.init_args.seq_len",
+            "8",
+            "--data.init_args.batch_size",
+            "4",
+            "--model.init_args.network.init_args.d_model",
+            "16",
+            "--model.init_args.network.init_args.n_layers",
+            "1",
+            "--model.init_args.network.init_args.num_experts",
+            "1",
+            "--model.init_args.network.init_args.max_seq_len",
+            "8",
+            "--model.init_args.warmup_steps",
+            "1",
+            "--trainer.callbacks.init_args.every_n_steps",
+            "1",
+            "--trainer.callbacks.init_args.pool_size",
+            "16",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.max_steps",
+            "3",
+            "--trainer.val_check_interval",
+            "3",
+            "--trainer.limit_val_batches",
+            "1",
+            "--trainer.log_every_n_steps",
+            "1",
+            "--trainer.default_root_dir",
+            str(tmp_path / "runs"),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.enable_model_summary",
+            "false",
+        ]
+    )
     cb = next(cb for cb in cli.trainer.callbacks if isinstance(cb, ActiveLearning))
     cli.trainer.fit(cli.model, cli.datamodule)
     assert cli.trainer.global_step == 3 and cb.rounds == 2  # after steps 1 and 2; none after the last

@@ -59,8 +59,11 @@ def problems(draw, nonneg_k: bool):
 
 def tolerance(diag, sub, sup, z, ref):
     """64 eps cond(A) max|ref| with cond(A) <= ||A||_inf / eta (valid for k >= 0)."""
-    norm = (diag - z.real).abs().max().item() + abs(z) + 2 * max(sub.abs().max().item() if sub.numel() else 0.0,
-                                                                   sup.abs().max().item() if sup.numel() else 0.0)
+    norm = (
+        (diag - z.real).abs().max().item()
+        + abs(z)
+        + 2 * max(sub.abs().max().item() if sub.numel() else 0.0, sup.abs().max().item() if sup.numel() else 0.0)
+    )
     cond = max(1.0, norm / z.imag)
     return 64 * EPS * cond * ref.abs().max().item() + 1e-300
 
@@ -92,7 +95,9 @@ def test_any_sign_couplings_scan_matches_sequential(p, causal):
     # Relative to each entry's own size: without k >= 0 there is no a-priori cond bound, so use the
     # observed growth of the pivots, max|g| * ||A||, as the condition estimate.
     if finite.all():
-        norm = (diag.abs().max() + abs(z) + 2 * torch.cat([sub.abs().flatten(), sup.abs().flatten(), torch.zeros(1)]).max()).item()
+        norm = (
+            diag.abs().max() + abs(z) + 2 * torch.cat([sub.abs().flatten(), sup.abs().flatten(), torch.zeros(1)]).max()
+        ).item()
         cond = max(1.0, seq.abs().max().item() * norm)
         tol = 64 * EPS * cond * cond * seq.abs().max().item() + 1e-300
         assert (seq - scan).abs().max().item() <= tol

@@ -189,8 +189,11 @@ def test_a_weight_outside_aux_loss_weights_is_a_one_line_error(capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "ponder_weight" in err and len(err.splitlines()) == 1, err
     with pytest.raises(ValueError, match=r"aux_loss_weights\['ponder'\] must be a finite number >= 0"):
-        LanguageModel(network=lambda v: ResNetBKLM(v, d_model=8, n_layers=1), vocab_size=10,
-                      aux_loss_weights={"ponder": -1.0})
+        LanguageModel(
+            network=lambda v: ResNetBKLM(v, d_model=8, n_layers=1), vocab_size=10, aux_loss_weights={"ponder": -1.0}
+        )
+
+
 def help_page(capsys, *args) -> str:
     with pytest.raises(SystemExit) as exit_info:
         main(list(args))

@@ -54,5 +54,7 @@ def test_config_network_is_causal(config, train, root):
             assert (model(x).logits - base).abs().max() > 1e-6
         for t in POSITIONS:
             moved = logits(_perturb(x, t, vocab))
-            torch.testing.assert_close(moved[:, :t], base[:, :t], atol=1e-12, rtol=0, msg=f"token {t} moved earlier logits")
+            torch.testing.assert_close(
+                moved[:, :t], base[:, :t], atol=1e-12, rtol=0, msg=f"token {t} moved earlier logits"
+            )
             assert (moved[:, t] - base[:, t]).abs().max() > 1e-9  # the change is visible where allowed

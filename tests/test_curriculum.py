@@ -50,12 +50,21 @@ class Tiny(L.LightningModule):
 
 def fit(tmp_path, callback, max_steps=8):
     L.seed_everything(0)
-    dm = WikiTextDataModule(source=str(write_corpus(tmp_path / "data")), seq_len=8, batch_size=4,
-                            cache_dir=str(tmp_path / "cache"))
+    dm = WikiTextDataModule(
+        source=str(write_corpus(tmp_path / "data")), seq_len=8, batch_size=4, cache_dir=str(tmp_path / "cache")
+    )
     model = Tiny(dm.vocab_size)
-    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, callbacks=[callback],
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, log_every_n_steps=1)
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[callback],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        log_every_n_steps=1,
+    )
     trainer.fit(model, datamodule=dm)
     return model, dm, trainer
 
@@ -133,8 +142,13 @@ def test_current_model_difficulty_is_rescored_and_costed(tmp_path):
 
 
 def test_bad_arguments():
-    for kwargs in ({"difficulty": "oracle"}, {"pacing": "cubic"}, {"start_fraction": 0.0},
-                   {"difficulty": "reference"}, {"within": "hardest"}):
+    for kwargs in (
+        {"difficulty": "oracle"},
+        {"pacing": "cubic"},
+        {"start_fraction": 0.0},
+        {"difficulty": "reference"},
+        {"within": "hardest"},
+    ):
         with pytest.raises(ValueError):
             Curriculum(**kwargs)
 
@@ -144,18 +158,48 @@ def test_config_trains_a_few_steps_on_cpu(tmp_path):
     from resnet_bk.cli import build
 
     data = write_corpus(tmp_path / "data")
-    cli = build([
-        "--config", str(CONFIGS / "curriculum.yaml"),
-        "--data.init_args.source", str(data), "--data.init_args.cache_dir", str(tmp_path / "cache"),
-        "--data.init_args.seq_len", "8", "--data.init_args.batch_size", "4",
-        "--model.init_args.network.init_args.d_model", "16", "--model.init_args.network.init_args.n_layers", "1",
-        "--model.init_args.network.init_args.num_experts", "1", "--model.init_args.network.init_args.max_seq_len", "8",
-        "--model.init_args.warmup_steps", "1", "--trainer.callbacks.init_args.full_at_step", "100",
-        "--trainer.accelerator", "cpu", "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
-        "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
-        "--trainer.default_root_dir", str(tmp_path / "runs"),
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-    ])
+    cli = build(
+        [
+            "--config",
+            str(CONFIGS / "curriculum.yaml"),
+            "--data.init_args.source",
+            str(data),
+            "--data.init_args.cache_dir",
+            str(tmp_path / "cache"),
+            "--data.init_args.seq_len",
+            "8",
+            "--data.init_args.batch_size",
+            "4",
+            "--model.init_args.network.init_args.d_model",
+            "16",
+            "--model.init_args.network.init_args.n_layers",
+            "1",
+            "--model.init_args.network.init_args.num_experts",
+            "1",
+            "--model.init_args.network.init_args.max_seq_len",
+            "8",
+            "--model.init_args.warmup_steps",
+            "1",
+            "--trainer.callbacks.init_args.full_at_step",
+            "100",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.max_steps",
+            "3",
+            "--trainer.val_check_interval",
+            "3",
+            "--trainer.limit_val_batches",
+            "1",
+            "--trainer.log_every_n_steps",
+            "1",
+            "--trainer.default_root_dir",
+            str(tmp_path / "runs"),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.enable_model_summary",
+            "false",
+        ]
+    )
     assert any(isinstance(cb, Curriculum) for cb in cli.trainer.callbacks)
     cli.trainer.fit(cli.model, cli.datamodule)
     assert cli.trainer.global_step == 3

@@ -60,7 +60,9 @@ def trained(tmp_path_factory):
 
 
 def test_unknown_model_class(capsys):
-    line = fails(capsys, "fit", "--config", QUICKSTART, "--model.init_args.network.class_path", "resnet_bk.models.NoSuchLM")
+    line = fails(
+        capsys, "fit", "--config", QUICKSTART, "--model.init_args.network.class_path", "resnet_bk.models.NoSuchLM"
+    )
     assert "NoSuchLM" in line
 
 

@@ -28,8 +28,11 @@ NET_DENSE = partial(ResNetBKLM, d_model=16, n_layers=1, num_experts=1, max_seq_l
 def make_batches(n, b=3, n_seq=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [
-        {"input_ids": torch.randint(0, V, (b, n_seq), generator=g), "targets": torch.randint(0, V, (b, n_seq), generator=g),
-         "index": torch.arange(b)}
+        {
+            "input_ids": torch.randint(0, V, (b, n_seq), generator=g),
+            "targets": torch.randint(0, V, (b, n_seq), generator=g),
+            "index": torch.arange(b),
+        }
         for _ in range(n)
     ]
 
@@ -39,8 +42,15 @@ def loader(batches):
 
 
 def trainer(**kwargs):
-    defaults = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+    defaults = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     return L.Trainer(**{**defaults, **kwargs})
 
 
@@ -76,9 +86,11 @@ class CountingModel(GradientCachingLanguageModel):
 # ------------------------------------------------------------------------------ equivalence
 @pytest.mark.parametrize(
     "clip_val, algorithm, accumulate, cache",
-    [(0.05, "norm", 1, {"threshold": 1.5}),  # cache filled, never hit
-     (0.002, "value", 2, {"threshold": 1.5}),  # 5 batches / epoch: an incomplete window at each epoch end
-     (0.05, "norm", 2, {"threshold": 0.0, "max_bytes": 0})],  # caching off
+    [
+        (0.05, "norm", 1, {"threshold": 1.5}),  # cache filled, never hit
+        (0.002, "value", 2, {"threshold": 1.5}),  # 5 batches / epoch: an incomplete window at each epoch end
+        (0.05, "norm", 2, {"threshold": 0.0, "max_bytes": 0}),
+    ],  # caching off
 )
 def test_without_hits_the_manual_loop_equals_the_automatic_loop(clip_val, algorithm, accumulate, cache):
     batches = make_batches(5)
@@ -87,12 +99,23 @@ def test_without_hits_the_manual_loop_equals_the_automatic_loop(clip_val, algori
     torch.manual_seed(0)
     auto = LanguageModel(**common)
     rec_auto = Record()
-    trainer(max_steps=6, callbacks=[rec_auto], gradient_clip_val=clip_val, gradient_clip_algorithm=algorithm,
-            accumulate_grad_batches=accumulate).fit(auto, train_dataloaders=loader(batches))
+    trainer(
+        max_steps=6,
+        callbacks=[rec_auto],
+        gradient_clip_val=clip_val,
+        gradient_clip_algorithm=algorithm,
+        accumulate_grad_batches=accumulate,
+    ).fit(auto, train_dataloaders=loader(batches))
 
     torch.manual_seed(0)
-    manual = CountingModel(**common, **cache, cache_dtype="float32", gradient_clip_val=clip_val,
-                           gradient_clip_algorithm=algorithm, accumulate_grad_batches=accumulate)
+    manual = CountingModel(
+        **common,
+        **cache,
+        cache_dtype="float32",
+        gradient_clip_val=clip_val,
+        gradient_clip_algorithm=algorithm,
+        accumulate_grad_batches=accumulate,
+    )
     rec = Record()
     t = trainer(max_steps=6, callbacks=[rec])
     t.fit(manual, train_dataloaders=loader(batches))
@@ -126,8 +149,17 @@ def test_trainer_clipping_and_accumulation_are_refused_so_the_module_hparams_mus
 def test_a_hit_applies_exactly_the_stored_gradient_without_backward(scale, monitor):
     batch = make_batches(1)[0]
     torch.manual_seed(0)
-    model = CountingModel(network=NET, vocab_size=V, lr=0.01, warmup_steps=0, key="token_histogram", threshold=0.999,
-                          cache_dtype="float32", hit_grad_scale=scale, monitor_hits=monitor)
+    model = CountingModel(
+        network=NET,
+        vocab_size=V,
+        lr=0.01,
+        warmup_steps=0,
+        key="token_histogram",
+        threshold=0.999,
+        cache_dtype="float32",
+        hit_grad_scale=scale,
+        monitor_hits=monitor,
+    )
     rec = Record()
     t = trainer(max_steps=3, callbacks=[rec])
     t.fit(model, train_dataloaders=loader([batch, batch, batch]))  # the same batch: similarity 1
@@ -148,8 +180,15 @@ def test_a_hit_applies_exactly_the_stored_gradient_without_backward(scale, monit
 def test_hits_inside_an_accumulation_window_add_the_stored_contribution():
     a, b = make_batches(2)
     torch.manual_seed(0)
-    model = CountingModel(network=NET, vocab_size=V, key="token_histogram", threshold=0.999, cache_dtype="float32",
-                          accumulate_grad_batches=2, lr=1e-30)  # float32 weights do not move: grads comparable
+    model = CountingModel(
+        network=NET,
+        vocab_size=V,
+        key="token_histogram",
+        threshold=0.999,
+        cache_dtype="float32",
+        accumulate_grad_batches=2,
+        lr=1e-30,
+    )  # float32 weights do not move: grads comparable
     rec = Record()
     trainer(max_steps=2, callbacks=[rec]).fit(model, train_dataloaders=loader([a, b, b, a]))
     assert model.backward_calls == 2 and model.hits == 2
@@ -230,22 +269,48 @@ class _DisagreeingModel(GradientCachingLanguageModel):
 
 
 def _ddp_worker(rank, out_dir, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
-                      LOCAL_RANK=str(rank), RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE="2",
+        NODE_RANK="0",
+        LOCAL_RANK=str(rank),
+        RANK=str(rank),
+    )
     torch.set_num_threads(1)
     from lightning.pytorch.strategies import DDPStrategy
 
     torch.manual_seed(0)
-    model = _DisagreeingModel(network=NET_DENSE, vocab_size=V, key="token_histogram", threshold=0.999, lr=0.01,
-                              warmup_steps=0, gradient_clip_val=0.5, force_miss_at=5)
-    t = L.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(process_group_backend="gloo"), max_steps=8,
-                  logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                  limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False)
+    model = _DisagreeingModel(
+        network=NET_DENSE,
+        vocab_size=V,
+        key="token_histogram",
+        threshold=0.999,
+        lr=0.01,
+        warmup_steps=0,
+        gradient_clip_val=0.5,
+        force_miss_at=5,
+    )
+    t = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=DDPStrategy(process_group_backend="gloo"),
+        max_steps=8,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+    )
     # each rank its own 4 batches, then the same 4 again: the global batches 5-8 repeat 1-4
     batches = make_batches(4, b=2, seed=rank)
     t.fit(model, train_dataloaders=loader(batches + batches))
-    torch.save({"params": flat_params(model), "decisions": model.decisions, "local": model.local,
-                "entries": len(model.cache)}, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save(
+        {"params": flat_params(model), "decisions": model.decisions, "local": model.local, "entries": len(model.cache)},
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
 
 
 def test_ddp_two_processes_agree_on_hits_and_keep_replicas_identical(tmp_path):
@@ -277,8 +342,9 @@ def test_checkpoint_resume_continues_the_run_with_an_empty_cache(tmp_path):
     batches = make_batches(2)
     # min_lr_ratio 1: after the warmup the LR is flat, so stopping after epoch 1 (max_epochs=1) and
     # resuming for epoch 2 runs the same schedule as one 2-epoch run; the warmup state is restored
-    kwargs = dict(network=NET, vocab_size=V, lr=0.02, warmup_steps=3, min_lr_ratio=1.0, threshold=1.5,
-                  gradient_clip_val=0.05)
+    kwargs = dict(
+        network=NET, vocab_size=V, lr=0.02, warmup_steps=3, min_lr_ratio=1.0, threshold=1.5, gradient_clip_val=0.05
+    )
 
     torch.manual_seed(0)
     straight = GradientCachingLanguageModel(**kwargs)
@@ -313,12 +379,38 @@ def test_config_trains_a_few_steps_through_the_cli():
     from resnet_bk.cli import build
 
     tiny = [
-        "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "3",
-        "--trainer.num_sanity_val_steps", "0", "--trainer.accelerator", "cpu", "--trainer.logger", "false",
-        "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false", "--data.init_args.seq_len", "16", "--data.init_args.batch_size", "2",
-        "--data.init_args.max_train_tokens", "2000", "--model.init_args.network.init_args.d_model", "16",
-        "--model.init_args.network.init_args.n_layers", "1", "--model.init_args.warmup_steps", "1",
+        "--trainer.max_steps",
+        "3",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.val_check_interval",
+        "3",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_checkpointing",
+        "false",
+        "--trainer.callbacks",
+        "[]",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--data.init_args.seq_len",
+        "16",
+        "--data.init_args.batch_size",
+        "2",
+        "--data.init_args.max_train_tokens",
+        "2000",
+        "--model.init_args.network.init_args.d_model",
+        "16",
+        "--model.init_args.network.init_args.n_layers",
+        "1",
+        "--model.init_args.warmup_steps",
+        "1",
         "--model.init_args.threshold=-1.0",  # every batch after the first hits
     ]
     with tempfile.TemporaryDirectory() as root:

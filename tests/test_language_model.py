@@ -91,8 +91,11 @@ def test_val_ppl_is_token_weighted_over_the_split():
 
 
 def test_loss_adds_weighted_aux_losses_and_logs_them():
-    model = LanguageModel(network=partial(TinyLM, aux=("load_balance", "ponder")), vocab_size=V,
-                          aux_loss_weights={"load_balance": 0.5, "ponder": 2.0})
+    model = LanguageModel(
+        network=partial(TinyLM, aux=("load_balance", "ponder")),
+        vocab_size=V,
+        aux_loss_weights={"load_balance": 0.5, "ponder": 2.0},
+    )
     batch = uneven_batches()[0]
     loss, nll_sum, n_tokens, logs = model.compute_loss(batch, "train")
     aux = logs["aux/load_balance"]

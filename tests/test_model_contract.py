@@ -45,8 +45,9 @@ MODELS = {
     "transformer": partial(TransformerLM, V, n_layers=2, n_heads=2, **COMMON),
     "act": partial(ACTResNetBKLM, V, n_layers=3, num_experts=2, halt_bias_init=0.0, **COMMON),
     "act_multiscale": partial(ACTMultiScaleLM, V, n_blocks=2, num_experts=2, halt_bias_init=0.0, **COMMON),
-    "adaptive_length": partial(AdaptiveLengthLM, V, n_pre=1, n_inner=1, n_post=1, num_experts=2, prior_rate=0.25,
-                               **COMMON),
+    "adaptive_length": partial(
+        AdaptiveLengthLM, V, n_pre=1, n_inner=1, n_post=1, num_experts=2, prior_rate=0.25, **COMMON
+    ),
     "conditional_moe": partial(ConditionalMoELM, V, n_layers=2, num_experts=3, top_p=0.5, max_experts=2, **COMMON),
     "early_exit": partial(EarlyExitLM, V, n_layers=3, num_experts=2, **COMMON),
     "multiscale": partial(MultiScaleLM, V, n_blocks=1, num_experts=2, **COMMON),
@@ -128,7 +129,9 @@ def test_causal(name, train):
             assert (model(x).logits - base).abs().max() > 1e-6
         for t in (1, 9, N - 1):
             moved = logits(_perturb(x, t))
-            torch.testing.assert_close(moved[:, :t], base[:, :t], atol=1e-12, rtol=0, msg=f"token {t} moved earlier logits")
+            torch.testing.assert_close(
+                moved[:, :t], base[:, :t], atol=1e-12, rtol=0, msg=f"token {t} moved earlier logits"
+            )
             assert (moved[:, t] - base[:, t]).abs().max() > 1e-9
 
 
@@ -158,5 +161,7 @@ def test_every_parameter_gets_a_gradient(name):
     out = model(x[:, :-1])
     loss = F.cross_entropy(out.logits.flatten(0, 1), x[:, 1:].flatten()) + sum(out.aux_losses.values())
     loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    missing = [
+        n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
     assert sorted(missing) == sorted(NO_GRADIENT.get(name, [])), missing

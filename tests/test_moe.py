@@ -34,8 +34,10 @@ def test_moe_matches_router_and_per_token_reference(top_k):
     gate = gate / gate.sum(-1, keepdim=True) if top_k > 1 else gate
     tokens = x.reshape(-1, D)
     ref = torch.stack(
-        [sum(gate[i, j] * expert_mlp(moe.experts, int(idx[i, j]), tokens[i]) for j in range(top_k))
-         for i in range(len(tokens))]
+        [
+            sum(gate[i, j] * expert_mlp(moe.experts, int(idx[i, j]), tokens[i]) for j in range(top_k))
+            for i in range(len(tokens))
+        ]
     )
     torch.testing.assert_close(out.reshape(-1, D), ref)
     assert aux["load_balance"] >= 1.0 - 1e-9  # the Switch loss is minimised (= 1) at a uniform router

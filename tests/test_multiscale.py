@@ -175,12 +175,28 @@ def test_act_multiscale_config_trains_two_steps():
     from resnet_bk.cli import build
 
     with tempfile.TemporaryDirectory() as root:
-        cli = build(["--config", str(CONFIGS / "act_multiscale.yaml"), *_TINY, "--trainer.default_root_dir", root,
-                     "--model.init_args.network.init_args.n_blocks", "2", "--trainer.callbacks+=callbacks.FlopsPerToken"])
+        cli = build(
+            [
+                "--config",
+                str(CONFIGS / "act_multiscale.yaml"),
+                *_TINY,
+                "--trainer.default_root_dir",
+                root,
+                "--model.init_args.network.init_args.n_blocks",
+                "2",
+                "--trainer.callbacks+=callbacks.FlopsPerToken",
+            ]
+        )
         cli.trainer.fit(cli.model, cli.datamodule)
     metrics = cli.trainer.callback_metrics
     assert cli.trainer.global_step == 2
     assert torch.isfinite(metrics["val/ppl"])
-    for key in ("train/aux/ponder", "train/stats/layers_executed", "val/stats/layers_executed",
-                "val/stats/halt_frac/1", "val/stats/ffn_rows/res2", "val/flops_per_token"):
+    for key in (
+        "train/aux/ponder",
+        "train/stats/layers_executed",
+        "val/stats/layers_executed",
+        "val/stats/halt_frac/1",
+        "val/stats/ffn_rows/res2",
+        "val/flops_per_token",
+    ):
         assert key in metrics, key

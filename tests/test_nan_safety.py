@@ -30,9 +30,7 @@ class Poisoned(LanguageModel):
     def __init__(self, *args, nan_loss_at=(), nan_grad_at=(), **kwargs):
         super().__init__(*args, **kwargs)
         self.nan_loss_at, self.nan_grad_at = set(nan_loss_at), set(nan_grad_at)
-        self.model.ln_f.weight.register_hook(
-            lambda g: g * float("nan") if self.global_step in self.nan_grad_at else g
-        )
+        self.model.ln_f.weight.register_hook(lambda g: g * float("nan") if self.global_step in self.nan_grad_at else g)
 
     def compute_loss(self, batch, stage):
         out = super().compute_loss(batch, stage)

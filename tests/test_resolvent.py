@@ -254,24 +254,47 @@ def _sparse_mixed(model):
 
 LAPLACIAN_RICH = replace(RICH, couplings="laplacian")  # the sparse layers take every option but input couplings
 VARIANTS = {
-    "resnet_bk": lambda r: ResNetBKLM(V, d_model=D, n_layers=2, num_experts=2, max_seq_len=64, resolvent=r, dropout=0.2),
+    "resnet_bk": lambda r: ResNetBKLM(
+        V, d_model=D, n_layers=2, num_experts=2, max_seq_len=64, resolvent=r, dropout=0.2
+    ),
     "act": lambda r: ACTResNetBKLM(V, d_model=D, n_layers=3, num_experts=2, max_seq_len=64, resolvent=r, dropout=0.2),
-    "multiscale": lambda r: MultiScaleLM(V, d_model=D, n_blocks=1, hierarchical=True, num_experts=2, max_seq_len=64,
-                                         resolvent=r, dropout=0.2),
-    "act_multiscale": lambda r: ACTMultiScaleLM(V, d_model=D, n_blocks=2, num_experts=2, max_seq_len=64, resolvent=r,
-                                                dropout=0.2),
-    "adaptive_length": lambda r: AdaptiveLengthLM(V, d_model=D, num_experts=2, max_seq_len=64, resolvent=r, dropout=0.2),
-    "conditional_moe": lambda r: ConditionalMoELM(V, d_model=D, n_layers=2, num_experts=3, max_seq_len=64, resolvent=r,
-                                                  dropout=0.2),
-    "early_exit": lambda r: EarlyExitLM(V, d_model=D, n_layers=2, num_experts=2, max_seq_len=64, resolvent=r, dropout=0.2),
+    "multiscale": lambda r: MultiScaleLM(
+        V, d_model=D, n_blocks=1, hierarchical=True, num_experts=2, max_seq_len=64, resolvent=r, dropout=0.2
+    ),
+    "act_multiscale": lambda r: ACTMultiScaleLM(
+        V, d_model=D, n_blocks=2, num_experts=2, max_seq_len=64, resolvent=r, dropout=0.2
+    ),
+    "adaptive_length": lambda r: AdaptiveLengthLM(
+        V, d_model=D, num_experts=2, max_seq_len=64, resolvent=r, dropout=0.2
+    ),
+    "conditional_moe": lambda r: ConditionalMoELM(
+        V, d_model=D, n_layers=2, num_experts=3, max_seq_len=64, resolvent=r, dropout=0.2
+    ),
+    "early_exit": lambda r: EarlyExitLM(
+        V, d_model=D, n_layers=2, num_experts=2, max_seq_len=64, resolvent=r, dropout=0.2
+    ),
     # the sparse models with dropout: test_sparse_dropout_on_gathered_rows_is_causal_in_train_mode
-    "sparse": lambda r: _sparse_mixed(SparseResNetBKLM(V, d_model=D, n_layers=2, num_experts=2, max_seq_len=64,
-                                                       resolvent=replace(r, couplings="laplacian"))),
-    "sparse_full": lambda r: _sparse_mixed(SparseResNetBKLM(V, d_model=D, n_layers=2, num_experts=2, max_seq_len=64,
-                                                            resolvent=replace(r, couplings="laplacian"), core="full")),
-    "multiscale_sparse": lambda r: _sparse_mixed(MultiScaleSparseLM(V, d_model=D, n_blocks=1, num_experts=2,
-                                                                    max_seq_len=64,
-                                                                    resolvent=replace(r, couplings="laplacian"))),
+    "sparse": lambda r: _sparse_mixed(
+        SparseResNetBKLM(
+            V, d_model=D, n_layers=2, num_experts=2, max_seq_len=64, resolvent=replace(r, couplings="laplacian")
+        )
+    ),
+    "sparse_full": lambda r: _sparse_mixed(
+        SparseResNetBKLM(
+            V,
+            d_model=D,
+            n_layers=2,
+            num_experts=2,
+            max_seq_len=64,
+            resolvent=replace(r, couplings="laplacian"),
+            core="full",
+        )
+    ),
+    "multiscale_sparse": lambda r: _sparse_mixed(
+        MultiScaleSparseLM(
+            V, d_model=D, n_blocks=1, num_experts=2, max_seq_len=64, resolvent=replace(r, couplings="laplacian")
+        )
+    ),
 }
 OPTIONS = {
     "channels": ResolventConfig(channels=3),

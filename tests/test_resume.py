@@ -62,8 +62,16 @@ def fit(config, root, ckpt_path=None, kill_at=None, max_steps=MAX_STEPS, every=E
     extra_args = depth_args(config)
     if config == "gradient_caching":  # the cache is not checkpointed (documented): run without hits
         extra_args += ["--model.init_args.threshold", "2.0"]
-    cli = build(["--config", str(ROOT / "configs" / f"{config}.yaml"), *TINY, *extra_args,
-                 "--trainer.default_root_dir", str(root)])
+    cli = build(
+        [
+            "--config",
+            str(ROOT / "configs" / f"{config}.yaml"),
+            *TINY,
+            *extra_args,
+            "--trainer.default_root_dir",
+            str(root),
+        ]
+    )
     extra = [cb for cb in cli.trainer.callbacks if isinstance(cb, (Curriculum, ActiveLearning))]
     for cb in extra:  # scaled to this short run: still growing at the end; a new AL round every 4 steps
         cb.full_at_fraction, cb.every_n_steps, cb.start_step, cb.pool_size = 2.0, 4, 4, 32
@@ -109,6 +117,8 @@ def test_every_config_resumes_exactly(tmp_path, config):
     assert sorted(resumed.losses) == [4, 5, 6]  # steps 4-5 are redone (validation ran at 4), then 6
     for step in (4, 5):
         assert resumed.losses[step] == pytest.approx(killed.losses[step], rel=0, abs=1e-6), step
+
+
 def cli_args(root, max_steps):
     """`lightning fit` of the tiny quickstart under `root`: validation (and last.ckpt) every 3 steps,
     no progress bar or summary; log_every_n_steps becomes 1 (max_steps // 20 < 1)."""

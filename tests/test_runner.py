@@ -82,11 +82,22 @@ def test_cumulative_is_the_best_measured_combination():
     spec = {"baseline": "plain", "cumulative": {"techniques_key": "techniques", "max_ppl_ratio": 1.05}}
 
     def rec(name, techniques, train, infer, ppl):
-        return {"name": name, "meta": {"techniques": techniques}, "train_tokens_per_s": train,
-                "infer_tokens_per_s": {"1": infer / 2, "64": infer}, "val_ppl": ppl}
+        return {
+            "name": name,
+            "meta": {"techniques": techniques},
+            "train_tokens_per_s": train,
+            "infer_tokens_per_s": {"1": infer / 2, "64": infer},
+            "val_ppl": ppl,
+        }
 
-    report = {"records": [rec("plain", [], 100.0, 200.0, 300.0), rec("a", ["act"], 300.0, 600.0, 300.0),
-                          rec("ab", ["act", "ms"], 150.0, 500.0, 310.0), rec("abc", ["act", "ms", "sp"], 90.0, 900.0, 400.0)]}
+    report = {
+        "records": [
+            rec("plain", [], 100.0, 200.0, 300.0),
+            rec("a", ["act"], 300.0, 600.0, 300.0),
+            rec("ab", ["act", "ms"], 150.0, 500.0, 310.0),
+            rec("abc", ["act", "ms", "sp"], 90.0, 900.0, 400.0),
+        ]
+    }
     c = runner.cumulative(report, spec)
     # "abc" infers fastest but costs 33% ppl; a single technique ("a") is never the cumulative entry
     assert c["variant"] == "ab" and c["infer_batch"] == 64

@@ -82,6 +82,7 @@ def test_two_ranks_get_disjoint_shards_that_cover_the_subset(subset):
 def test_state_round_trip_mid_epoch_with_draws_ahead():
     """Workers draw ahead of training: the state is taken at the consumed position, and a subset set
     while draws were ahead still starts at the same position after resuming."""
+
     def run(s):
         it = iter(s)
         drawn = [next(it) for _ in range(30)]  # consumed 22, 8 drawn ahead
@@ -148,10 +149,18 @@ def fit(data, cache, callback=None, ckpt_path=None, save_dir=None, max_steps=25,
     callbacks = [callback] if callback is not None else []
     if save_dir is not None:
         callbacks.append(ModelCheckpoint(dirpath=save_dir, every_n_train_steps=every, save_top_k=-1, filename="{step}"))
-    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, callbacks=callbacks,
-                        enable_checkpointing=save_dir is not None, enable_progress_bar=False,
-                        enable_model_summary=False, val_check_interval=5, limit_val_batches=2,
-                        num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        callbacks=callbacks,
+        enable_checkpointing=save_dir is not None,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        val_check_interval=5,
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     return model, dm, trainer
 

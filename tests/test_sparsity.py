@@ -66,8 +66,10 @@ def test_reduced_core_gradients_equal_full_chain():
     v_skip = torch.tensor(-0.2, dtype=torch.float64, requires_grad=True)
     w = torch.randn(valid.shape, dtype=torch.complex128)
     grads = []
-    for fn in (lambda: reduced_green_diagonal(v, runs, v_skip),
-               lambda: kept_green_diagonal_full(v, pos, valid, 24, v_skip, method="scan")):
+    for fn in (
+        lambda: reduced_green_diagonal(v, runs, v_skip),
+        lambda: kept_green_diagonal_full(v, pos, valid, 24, v_skip, method="scan"),
+    ):
         loss = (torch.where(valid, fn(), 0) * w).real.sum()
         grads.append(torch.autograd.grad(loss, (v, v_skip)))
     for a, b in zip(*grads):
@@ -119,13 +121,17 @@ def _dense_and_sparse(target, core="reduced"):
     dense = BKLayer(D, 2 * D, num_experts=3).double()
     sparse = SparseBKLayer(D, 2 * D, num_experts=3, target_sparsity=target, core=core).double()
     missing, unexpected = sparse.load_state_dict(dense.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith(("predictor", "interp", "v_skip", "threshold", "calibrated")) for k in missing)
+    assert not unexpected and all(
+        k.startswith(("predictor", "interp", "v_skip", "threshold", "calibrated")) for k in missing
+    )
     return dense.eval(), sparse.eval()
 
 
 def test_sparsity_zero_is_the_dense_layer():
     dense, sparse = _dense_and_sparse(0.0)
-    assert sparse.predictor is None and sum(p.numel() for p in sparse.parameters()) == sum(p.numel() for p in dense.parameters())
+    assert sparse.predictor is None and sum(p.numel() for p in sparse.parameters()) == sum(
+        p.numel() for p in dense.parameters()
+    )
     x = torch.randn(2, 11, D, dtype=torch.float64)
     torch.testing.assert_close(sparse(x)[0], dense(x)[0], atol=0, rtol=0)
 
@@ -154,8 +160,9 @@ def _mixed(model):
 
 MODELS = {
     "sparse_reduced": lambda: SparseResNetBKLM(V, d_model=D, n_layers=2, num_experts=2, max_seq_len=64),
-    "sparse_full": lambda: SparseResNetBKLM(V, d_model=D, n_layers=2, num_experts=2, max_seq_len=64, core="full",
-                                            target_sparsity=0.75),
+    "sparse_full": lambda: SparseResNetBKLM(
+        V, d_model=D, n_layers=2, num_experts=2, max_seq_len=64, core="full", target_sparsity=0.75
+    ),
     "multiscale_sparse": lambda: MultiScaleSparseLM(V, d_model=D, n_blocks=1, num_experts=2, max_seq_len=64),
 }
 
@@ -264,8 +271,12 @@ def test_achieved_sparsity_tracks_target(target):
 
 
 # ---------------------------------------------------------------------------- lightning + configs
-_TINY = [*tiny_fit_args(seq_len=17, d_model=16, dropout=0.0), "--trainer.callbacks+=callbacks.FlopsPerToken",
-         "--trainer.callbacks+=callbacks.SparsityTemperature", "--trainer.callbacks+=callbacks.TokensPerSecond"]
+_TINY = [
+    *tiny_fit_args(seq_len=17, d_model=16, dropout=0.0),
+    "--trainer.callbacks+=callbacks.FlopsPerToken",
+    "--trainer.callbacks+=callbacks.SparsityTemperature",
+    "--trainer.callbacks+=callbacks.TokensPerSecond",
+]
 SPARSE_CONFIGS = {"sparse_bk.yaml": "SparseResNetBKLM", "multiscale_sparse.yaml": "MultiScaleSparseLM"}
 
 
@@ -280,8 +291,16 @@ def test_config_causal_in_train_and_eval_and_fits(config):
         cli.trainer.fit(cli.model, cli.datamodule)
     metrics = cli.trainer.callback_metrics
     assert cli.trainer.global_step == 2 and torch.isfinite(metrics["val/ppl"])
-    for key in ("train/aux/sparsity", "train/stats/sparsity", "val/stats/sparsity", "train/tau", "train/tokens_per_s",
-                "val/tokens_per_s", "val/flops_per_token", "val/stats/ffn_rows_frac"):
+    for key in (
+        "train/aux/sparsity",
+        "train/stats/sparsity",
+        "val/stats/sparsity",
+        "train/tau",
+        "train/tokens_per_s",
+        "val/tokens_per_s",
+        "val/flops_per_token",
+        "val/stats/ffn_rows_frac",
+    ):
         assert key in metrics, key
     model = _mixed(cli.model.model).double()
     x = torch.randint(0, V, (2, 17))
@@ -298,28 +317,52 @@ def test_lightning_module_weights_and_temperature():
     from resnet_bk.models import ResNetBKLM
 
     torch.manual_seed(0)
-    module = LanguageModel(network=partial(SparseResNetBKLM, d_model=D, n_layers=2, num_experts=2, max_seq_len=16),
-                           vocab_size=V, aux_loss_weights={"load_balance": 0.01, "sparsity": 3.0})
+    module = LanguageModel(
+        network=partial(SparseResNetBKLM, d_model=D, n_layers=2, num_experts=2, max_seq_len=16),
+        vocab_size=V,
+        aux_loss_weights={"load_balance": 0.01, "sparsity": 3.0},
+    )
     batch = {"input_ids": torch.randint(0, V, (2, 8)), "targets": torch.randint(0, V, (2, 8)), "index": torch.arange(2)}
     result = module.compute_loss(batch, "train")
     expected = result.logs["ce"] + 0.01 * result.logs["aux/load_balance"] + 3.0 * result.logs["aux/sparsity"]
     assert result.loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert annealed_tau(0, 2.0, 0.5, 10) == 2.0 and annealed_tau(5, 2.0, 0.5, 10) == pytest.approx(1.0)
     assert annealed_tau(50, 2.0, 0.5, 10) == pytest.approx(0.5)
-    trainer = L_.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[FlopsPerToken()])
-    metrics = trainer.validate(module, dataloaders=torch.utils.data.DataLoader([batch], batch_size=None), verbose=False)[0]
+    trainer = L_.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[FlopsPerToken()],
+    )
+    metrics = trainer.validate(
+        module, dataloaders=torch.utils.data.DataLoader([batch], batch_size=None), verbose=False
+    )[0]
     assert 0.0 <= metrics["val/stats/sparsity"] <= 1.0 and metrics["val/flops_per_token_body"] > 0
 
     schedule = SparsityTemperature(start=2.0, end=0.5, anneal_steps=10)
-    trainer = L_.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, max_steps=5, callbacks=[schedule])
+    trainer = L_.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_steps=5,
+        callbacks=[schedule],
+    )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch] * 5, batch_size=None))
     assert all(layer.tau == pytest.approx(annealed_tau(4, 2.0, 0.5, 10)) for layer in sparse_layers(module.model))
     dense = LanguageModel(network=partial(ResNetBKLM, d_model=D, n_layers=1, max_seq_len=16), vocab_size=V)
     with pytest.raises(ValueError, match="no learned-sparsity layer"):
-        L_.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   max_steps=1, callbacks=[schedule]).fit(dense, torch.utils.data.DataLoader([batch], batch_size=None))
+        L_.Trainer(
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            max_steps=1,
+            callbacks=[schedule],
+        ).fit(dense, torch.utils.data.DataLoader([batch], batch_size=None))
 
 
 def test_bad_arguments():

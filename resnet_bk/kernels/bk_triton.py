@@ -119,8 +119,7 @@ def _norm8(m):
 
 
 @triton.jit
-def _mobius_combine(l00r, l00i, l01r, l01i, l10r, l10i, l11r, l11i,
-                    r00r, r00i, r01r, r01i, r10r, r10i, r11r, r11i):
+def _mobius_combine(l00r, l00i, l01r, l01i, l10r, l10i, l11r, l11i, r00r, r00i, r01r, r01i, r10r, r10i, r11r, r11i):
     """R @ L (L earlier in scan order), divided by its largest |component|."""
     c00r = r00r * l00r - r00i * l00i + r01r * l10r - r01i * l10i
     c00i = r00r * l00i + r00i * l00r + r01r * l10i + r01i * l10r
@@ -145,8 +144,17 @@ def _affine_combine(lar, lai, lbr, lbi, rar, rai, rbr, rbi):
 def _shift_combine4(lc, lp0, lp1, lp2, lp3, ll0, ll1, ll2, ll3, rc, rp0, rp1, rp2, rp3, rl0, rl1, rl2, rl3):
     """Scan whose 'prev' field ends up holding the previous element's 'last' (a shift by one)."""
     t = rc > 1
-    return (lc + rc, tl.where(t, rp0, ll0), tl.where(t, rp1, ll1), tl.where(t, rp2, ll2), tl.where(t, rp3, ll3),
-            rl0, rl1, rl2, rl3)
+    return (
+        lc + rc,
+        tl.where(t, rp0, ll0),
+        tl.where(t, rp1, ll1),
+        tl.where(t, rp2, ll2),
+        tl.where(t, rp3, ll3),
+        rl0,
+        rl1,
+        rl2,
+        rl3,
+    )
 
 
 @triton.jit
@@ -160,8 +168,7 @@ def _shift4(v, b0, b1, b2, b3, rr, R: tl.constexpr, REVERSE: tl.constexpr):
     """Row r receives row r-1's 4-vector (r+1's if REVERSE); the first row receives (b0..b3)."""
     cnt = tl.full([R], 1, tl.int32)
     zero = v[0] * 0.0
-    s = tl.associative_scan((cnt, zero, zero, zero, zero, v[0], v[1], v[2], v[3]), 0, _shift_combine4,
-                            reverse=REVERSE)
+    s = tl.associative_scan((cnt, zero, zero, zero, zero, v[0], v[1], v[2], v[3]), 0, _shift_combine4, reverse=REVERSE)
     edge = rr == REVERSE * (R - 1)
     return (tl.where(edge, b0, s[1]), tl.where(edge, b1, s[2]), tl.where(edge, b2, s[3]), tl.where(edge, b3, s[4]))
 
@@ -252,8 +259,9 @@ def _store8(ptr, t, sel):
 # Loads
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _load_alpha(diag_ptr, z_ptr, zr, zi, zsb, zsn, row, pos, N, Z_TENSOR: tl.constexpr,
-                R: tl.constexpr, S: tl.constexpr):
+def _load_alpha(
+    diag_ptr, z_ptr, zr, zi, zsb, zsn, row, pos, N, Z_TENSOR: tl.constexpr, R: tl.constexpr, S: tl.constexpr
+):
     """Columns of alpha = a - z (re, im); positions >= N read a = 0 (alpha = -z, finite)."""
     m = pos < N
     a = _cols(tl.load(diag_ptr + row * N + pos, mask=m, other=0.0).to(tl.float32), R, S)
@@ -394,10 +402,27 @@ def _riccati_rev(ar, ai, kk, w, S: tl.constexpr):
 # Forward
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_kernel(diag_ptr, sub_ptr, sup_ptr, z_ptr, zr, zi, zsb, zsn,
-                out_ptr, summ_ptr, carry_ptr, N, NCA,
-                CAUSAL: tl.constexpr, Z_TENSOR: tl.constexpr, SUMMARY: tl.constexpr,
-                HAS_CARRY: tl.constexpr, BLOCK: tl.constexpr, S: tl.constexpr):
+def _fwd_kernel(
+    diag_ptr,
+    sub_ptr,
+    sup_ptr,
+    z_ptr,
+    zr,
+    zi,
+    zsb,
+    zsn,
+    out_ptr,
+    summ_ptr,
+    carry_ptr,
+    N,
+    NCA,
+    CAUSAL: tl.constexpr,
+    Z_TENSOR: tl.constexpr,
+    SUMMARY: tl.constexpr,
+    HAS_CARRY: tl.constexpr,
+    BLOCK: tl.constexpr,
+    S: tl.constexpr,
+):
     R: tl.constexpr = BLOCK // S
     c = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -421,15 +446,17 @@ def _fwd_kernel(diag_ptr, sub_ptr, sup_ptr, z_ptr, zr, zi, zsb, zsn,
         zero = one * 0.0
         if HAS_CARRY:
             cbase = carry_ptr + (row * NCA + c) * 8
-            v = _entering_d(ar, ai, km, rr, tl.load(cbase), tl.load(cbase + 1), tl.load(cbase + 2),
-                            tl.load(cbase + 3), R, S)
+            v = _entering_d(
+                ar, ai, km, rr, tl.load(cbase), tl.load(cbase + 1), tl.load(cbase + 2), tl.load(cbase + 3), R, S
+            )
         else:
             v = _entering_d(ar, ai, km, rr, one, zero, zero, zero, R, S)
         dr, di, gr, gi = _riccati_fwd(ar, ai, km, v, S)
         if not CAUSAL:
             if HAS_CARRY:
-                w = _entering_e(ar, ai, kk, rr, tl.load(cbase + 4), tl.load(cbase + 5), tl.load(cbase + 6),
-                                tl.load(cbase + 7), R, S)
+                w = _entering_e(
+                    ar, ai, kk, rr, tl.load(cbase + 4), tl.load(cbase + 5), tl.load(cbase + 6), tl.load(cbase + 7), R, S
+                )
             else:
                 w = _entering_e(ar, ai, kk, rr, one, zero, zero, zero, R, S)
             er, ei, _hr, _hi = _riccati_rev(ar, ai, kk, w, S)
@@ -446,10 +473,21 @@ def _fwd_kernel(diag_ptr, sub_ptr, sup_ptr, z_ptr, zr, zi, zsb, zsn,
 # Carries: one program per (batch row, direction) scans the chunk summaries
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _carry_kernel(summ_ptr, carry_ptr, NC, NCA,
-                  MOBIUS: tl.constexpr, HAS_FWD: tl.constexpr, FWD_SOFF: tl.constexpr, FWD_COFF: tl.constexpr,
-                  REV_SOFF: tl.constexpr, REV_COFF: tl.constexpr, SSTRIDE: tl.constexpr, CSTRIDE: tl.constexpr,
-                  CB: tl.constexpr):
+def _carry_kernel(
+    summ_ptr,
+    carry_ptr,
+    NC,
+    NCA,
+    MOBIUS: tl.constexpr,
+    HAS_FWD: tl.constexpr,
+    FWD_SOFF: tl.constexpr,
+    FWD_COFF: tl.constexpr,
+    REV_SOFF: tl.constexpr,
+    REV_COFF: tl.constexpr,
+    SSTRIDE: tl.constexpr,
+    CSTRIDE: tl.constexpr,
+    CB: tl.constexpr,
+):
     """carry[c] = the state entering chunk c: forward, the summaries of chunks 0..c-1 applied (in
     order) to the initial state; reverse, those of chunks NC-1..c+1. Initial state: (p, q) = (1, 0)
     for Moebius summaries (16 floats per chunk), x = 0 for affine maps (8 floats per chunk)."""
@@ -487,11 +525,19 @@ def _carry_kernel(summ_ptr, carry_ptr, NC, NCA,
         dp = cbase + dst * CSTRIDE
         if MOBIUS:
             t = tl.associative_scan(
-                (tl.load(sp, mask=m, other=1.0), tl.load(sp + 1, mask=m, other=0.0),
-                 tl.load(sp + 2, mask=m, other=0.0), tl.load(sp + 3, mask=m, other=0.0),
-                 tl.load(sp + 4, mask=m, other=0.0), tl.load(sp + 5, mask=m, other=0.0),
-                 tl.load(sp + 6, mask=m, other=1.0), tl.load(sp + 7, mask=m, other=0.0)),
-                0, _mobius_combine)
+                (
+                    tl.load(sp, mask=m, other=1.0),
+                    tl.load(sp + 1, mask=m, other=0.0),
+                    tl.load(sp + 2, mask=m, other=0.0),
+                    tl.load(sp + 3, mask=m, other=0.0),
+                    tl.load(sp + 4, mask=m, other=0.0),
+                    tl.load(sp + 5, mask=m, other=0.0),
+                    tl.load(sp + 6, mask=m, other=1.0),
+                    tl.load(sp + 7, mask=m, other=0.0),
+                ),
+                0,
+                _mobius_combine,
+            )
             st = _apply_state(t, pr, pi, qr, qi)
             tl.store(dp, st[0], mask=dm)
             tl.store(dp + 1, st[1], mask=dm)
@@ -500,9 +546,15 @@ def _carry_kernel(summ_ptr, carry_ptr, NC, NCA,
             pr, pi, qr, qi = _pick(st[0], last), _pick(st[1], last), _pick(st[2], last), _pick(st[3], last)
         else:
             t = tl.associative_scan(
-                (tl.load(sp, mask=m, other=1.0), tl.load(sp + 1, mask=m, other=0.0),
-                 tl.load(sp + 2, mask=m, other=0.0), tl.load(sp + 3, mask=m, other=0.0)),
-                0, _affine_combine)
+                (
+                    tl.load(sp, mask=m, other=1.0),
+                    tl.load(sp + 1, mask=m, other=0.0),
+                    tl.load(sp + 2, mask=m, other=0.0),
+                    tl.load(sp + 3, mask=m, other=0.0),
+                ),
+                0,
+                _affine_combine,
+            )
             xr, xi = _cmul(t[0], t[1], pr, pi)
             xr += t[2]
             xi += t[3]
@@ -515,10 +567,33 @@ def _carry_kernel(summ_ptr, carry_ptr, NC, NCA,
 # Backward
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _bwd_kernel(diag_ptr, sub_ptr, sup_ptr, z_ptr, zr, zi, zsb, zsn, grad_ptr,
-                fcarry_ptr, asum_ptr, bcarry_ptr, gdiag_ptr, gsub_ptr, gsup_ptr, galpha_ptr, N, NCA,
-                CAUSAL: tl.constexpr, Z_TENSOR: tl.constexpr, SUMMARY: tl.constexpr,
-                HAS_CARRY: tl.constexpr, Z_GRAD: tl.constexpr, BLOCK: tl.constexpr, S: tl.constexpr):
+def _bwd_kernel(
+    diag_ptr,
+    sub_ptr,
+    sup_ptr,
+    z_ptr,
+    zr,
+    zi,
+    zsb,
+    zsn,
+    grad_ptr,
+    fcarry_ptr,
+    asum_ptr,
+    bcarry_ptr,
+    gdiag_ptr,
+    gsub_ptr,
+    gsup_ptr,
+    galpha_ptr,
+    N,
+    NCA,
+    CAUSAL: tl.constexpr,
+    Z_TENSOR: tl.constexpr,
+    SUMMARY: tl.constexpr,
+    HAS_CARRY: tl.constexpr,
+    Z_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    S: tl.constexpr,
+):
     R: tl.constexpr = BLOCK // S
     c = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -539,8 +614,9 @@ def _bwd_kernel(diag_ptr, sub_ptr, sup_ptr, z_ptr, zr, zi, zsb, zsn, grad_ptr,
     # Recompute d (and e) from the chunk's saved incoming states.
     if HAS_CARRY:
         cbase = fcarry_ptr + (row * NCA + c) * 8
-        v = _entering_d(ar, ai, km, rr, tl.load(cbase), tl.load(cbase + 1), tl.load(cbase + 2),
-                        tl.load(cbase + 3), R, S)
+        v = _entering_d(
+            ar, ai, km, rr, tl.load(cbase), tl.load(cbase + 1), tl.load(cbase + 2), tl.load(cbase + 3), R, S
+        )
     else:
         v = _entering_d(ar, ai, km, rr, one, zero, zero, zero, R, S)
     dr, di, gdr, gdi = _riccati_fwd(ar, ai, km, v, S)
@@ -549,8 +625,9 @@ def _bwd_kernel(diag_ptr, sub_ptr, sup_ptr, z_ptr, zr, zi, zsb, zsn, grad_ptr,
         si = gdi
     else:
         if HAS_CARRY:
-            w = _entering_e(ar, ai, kk, rr, tl.load(cbase + 4), tl.load(cbase + 5), tl.load(cbase + 6),
-                            tl.load(cbase + 7), R, S)
+            w = _entering_e(
+                ar, ai, kk, rr, tl.load(cbase + 4), tl.load(cbase + 5), tl.load(cbase + 6), tl.load(cbase + 7), R, S
+            )
         else:
             w = _entering_e(ar, ai, kk, rr, one, zero, zero, zero, R, S)
         er, ei, ger, gei = _riccati_rev(ar, ai, kk, w, S)
@@ -748,21 +825,45 @@ def forward(diag: torch.Tensor, sub: torch.Tensor, sup: torch.Tensor, z, causal:
     grid = (nc, b)
     if nc > 1:
         summ = torch.empty((b, nca, 16), dtype=torch.float32, device=dev)
-        _launch(_fwd_kernel, grid, (diag, sub, sup, zp, zr, zi, zsb, zsn, ov, summ, carries, n, nca),
-                dict(CAUSAL=causal, Z_TENSOR=z_tensor, SUMMARY=True, HAS_CARRY=True, BLOCK=block, S=s), warps)
+        _launch(
+            _fwd_kernel,
+            grid,
+            (diag, sub, sup, zp, zr, zi, zsb, zsn, ov, summ, carries, n, nca),
+            dict(CAUSAL=causal, Z_TENSOR=z_tensor, SUMMARY=True, HAS_CARRY=True, BLOCK=block, S=s),
+            warps,
+        )
         cb = min(CONFIG["carry_block"], max(16, _next_pow2(nc)))
-        _launch(_carry_kernel, (b, 1 if causal else 2), (summ, carries, nc, nca),
-                dict(MOBIUS=True, HAS_FWD=True, FWD_SOFF=0, FWD_COFF=0, REV_SOFF=8, REV_COFF=4, SSTRIDE=16,
-                     CSTRIDE=8, CB=cb), 4)
+        _launch(
+            _carry_kernel,
+            (b, 1 if causal else 2),
+            (summ, carries, nc, nca),
+            dict(
+                MOBIUS=True, HAS_FWD=True, FWD_SOFF=0, FWD_COFF=0, REV_SOFF=8, REV_COFF=4, SSTRIDE=16, CSTRIDE=8, CB=cb
+            ),
+            4,
+        )
     else:
         summ = carries
-    _launch(_fwd_kernel, grid, (diag, sub, sup, zp, zr, zi, zsb, zsn, ov, summ, carries, n, nca),
-            dict(CAUSAL=causal, Z_TENSOR=z_tensor, SUMMARY=False, HAS_CARRY=nc > 1, BLOCK=block, S=s), warps)
+    _launch(
+        _fwd_kernel,
+        grid,
+        (diag, sub, sup, zp, zr, zi, zsb, zsn, ov, summ, carries, n, nca),
+        dict(CAUSAL=causal, Z_TENSOR=z_tensor, SUMMARY=False, HAS_CARRY=nc > 1, BLOCK=block, S=s),
+        warps,
+    )
     return out, carries
 
 
-def backward(grad: torch.Tensor, diag: torch.Tensor, sub: torch.Tensor, sup: torch.Tensor, z, carries: torch.Tensor,
-             causal: bool, z_grad: bool):
+def backward(
+    grad: torch.Tensor,
+    diag: torch.Tensor,
+    sub: torch.Tensor,
+    sup: torch.Tensor,
+    z,
+    carries: torch.Tensor,
+    causal: bool,
+    z_grad: bool,
+):
     """Exact vector-Jacobian product of ``forward``.
 
     Returns (grad_diag, grad_sub, grad_sup, grad_alpha) where grad_alpha (complex64 (B, N), the
@@ -791,19 +892,39 @@ def backward(grad: torch.Tensor, diag: torch.Tensor, sub: torch.Tensor, sup: tor
     if nc > 1:
         asum = torch.empty((b, nca, 8), dtype=torch.float32, device=dev)
         bcar = torch.empty((b, nca, 4), dtype=torch.float32, device=dev)
-        _launch(_bwd_kernel, grid, (diag, sub, sup, zp, zr, zi, zsb, zsn, grad, carries, asum, bcar, g_diag, g_sub,
-                                    g_sup, gav, n, nca),
-                dict(CAUSAL=causal, Z_TENSOR=z_tensor, SUMMARY=True, HAS_CARRY=True, Z_GRAD=z_grad, BLOCK=block, S=s),
-                warps)
+        _launch(
+            _bwd_kernel,
+            grid,
+            (diag, sub, sup, zp, zr, zi, zsb, zsn, grad, carries, asum, bcar, g_diag, g_sub, g_sup, gav, n, nca),
+            dict(CAUSAL=causal, Z_TENSOR=z_tensor, SUMMARY=True, HAS_CARRY=True, Z_GRAD=z_grad, BLOCK=block, S=s),
+            warps,
+        )
         cb = min(CONFIG["carry_block"], max(16, _next_pow2(nc)))
         # u (right to left) at offset 0, V (left to right) at offset 4 of the summaries.
-        _launch(_carry_kernel, (b, 1 if causal else 2), (asum, bcar, nc, nca),
-                dict(MOBIUS=False, HAS_FWD=not causal, FWD_SOFF=4, FWD_COFF=2, REV_SOFF=0, REV_COFF=0, SSTRIDE=8,
-                     CSTRIDE=4, CB=cb), 4)
+        _launch(
+            _carry_kernel,
+            (b, 1 if causal else 2),
+            (asum, bcar, nc, nca),
+            dict(
+                MOBIUS=False,
+                HAS_FWD=not causal,
+                FWD_SOFF=4,
+                FWD_COFF=2,
+                REV_SOFF=0,
+                REV_COFF=0,
+                SSTRIDE=8,
+                CSTRIDE=4,
+                CB=cb,
+            ),
+            4,
+        )
     else:
         asum = bcar = carries
-    _launch(_bwd_kernel, grid, (diag, sub, sup, zp, zr, zi, zsb, zsn, grad, carries, asum, bcar, g_diag, g_sub, g_sup,
-                                gav, n, nca),
-            dict(CAUSAL=causal, Z_TENSOR=z_tensor, SUMMARY=False, HAS_CARRY=nc > 1, Z_GRAD=z_grad, BLOCK=block, S=s),
-            warps)
+    _launch(
+        _bwd_kernel,
+        grid,
+        (diag, sub, sup, zp, zr, zi, zsb, zsn, grad, carries, asum, bcar, g_diag, g_sub, g_sup, gav, n, nca),
+        dict(CAUSAL=causal, Z_TENSOR=z_tensor, SUMMARY=False, HAS_CARRY=nc > 1, Z_GRAD=z_grad, BLOCK=block, S=s),
+        warps,
+    )
     return g_diag, g_sub[:, : n - 1], g_sup[:, : n - 1], g_alpha

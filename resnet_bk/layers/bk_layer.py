@@ -132,8 +132,16 @@ class BKLayer(nn.Module):
 class ResNetBKBlock(nn.Module):
     """Pre-norm residual block: x + BKLayer(LayerNorm(x)). (B, N, D) -> (x, aux_losses, stats)."""
 
-    def __init__(self, d_model: int, d_ff: int, num_experts: int = 4, top_k: int = 1,
-                 resolvent: Optional[ResolventConfig] = None, causal: bool = True, dropout: float = 0.0):
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int = 4,
+        top_k: int = 1,
+        resolvent: Optional[ResolventConfig] = None,
+        causal: bool = True,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.ln = nn.LayerNorm(d_model)
         self.bk = BKLayer(d_model, d_ff, num_experts, top_k, resolvent, causal, dropout)

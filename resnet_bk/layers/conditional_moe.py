@@ -107,8 +107,9 @@ class ConditionalMoEFeedForward(nn.Module):
         valid = chosen.gather(-1, top_expert)
         token = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.max_experts)
         # Gates: the raw router probability of each pair.
-        out, counts_t = dispatch(x, self.experts, token, top_expert.reshape(-1), top_prob.reshape(-1),
-                                 valid.reshape(-1))
+        out, counts_t = dispatch(
+            x, self.experts, token, top_expert.reshape(-1), top_prob.reshape(-1), valid.reshape(-1)
+        )
         self.last_rows_per_expert = counts_t
 
         n_rows = chosen.sum().clamp_min(1)

@@ -129,8 +129,12 @@ def _grouped_mm_available(x: torch.Tensor) -> bool:
 
 
 def dispatch(
-    x: torch.Tensor, experts: GroupedExperts, pair_token: torch.Tensor, pair_expert: torch.Tensor,
-    pair_gate: torch.Tensor, pair_valid: torch.Tensor | None = None,
+    x: torch.Tensor,
+    experts: GroupedExperts,
+    pair_token: torch.Tensor,
+    pair_expert: torch.Tensor,
+    pair_gate: torch.Tensor,
+    pair_valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run each (token, expert) pair's expert on the token and sum the gated outputs per token.
 
@@ -150,7 +154,9 @@ def dispatch(
     token, expert = pair_token[order], pair_expert[order]
     valid = None if pair_valid is None else pair_valid[order]
     # index_select: its backward is an index_add (each row once), not the sort-based index_put.
-    y = experts(x.index_select(0, token), group_end, expert, valid) * pair_gate.index_select(0, order)[:, None].to(x.dtype)
+    y = experts(x.index_select(0, token), group_end, expert, valid) * pair_gate.index_select(0, order)[:, None].to(
+        x.dtype
+    )
     out = x.new_zeros(x.shape).index_add(0, token, y.to(x.dtype))  # sum each token's pairs
     return out, rows
 

@@ -149,10 +149,21 @@ class SparseBKLayer(BKLayer):
     `tau` (attribute, default 1.0) is the Gumbel-sigmoid temperature (see set_temperature).
     """
 
-    def __init__(self, d_model: int, d_ff: int, num_experts: int = 4, top_k: int = 1,
-                 resolvent: Optional[ResolventConfig] = None, causal: bool = True, dropout: float = 0.0,
-                 target_sparsity: float = 0.5, core: Core = "reduced", predictor_kernel: int = 3,
-                 interp_kernel: int = 3, calibration_momentum: float = 0.9):
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int = 4,
+        top_k: int = 1,
+        resolvent: Optional[ResolventConfig] = None,
+        causal: bool = True,
+        dropout: float = 0.0,
+        target_sparsity: float = 0.5,
+        core: Core = "reduced",
+        predictor_kernel: int = 3,
+        interp_kernel: int = 3,
+        calibration_momentum: float = 0.9,
+    ):
         super().__init__(d_model, d_ff, num_experts, top_k, resolvent, causal, dropout)
         if not 0.0 <= target_sparsity < 1.0:
             raise ValueError(f"SparseBKLayer: target_sparsity must be in [0, 1), got {target_sparsity}.")
@@ -266,14 +277,35 @@ class SparseBKLayer(BKLayer):
 class SparseResNetBKBlock(ResNetBKBlock):
     """Pre-norm residual block x + SparseBKLayer(LN(x)); args as SparseBKLayer."""
 
-    def __init__(self, d_model: int, d_ff: int, num_experts: int = 4, top_k: int = 1,
-                 resolvent: Optional[ResolventConfig] = None, causal: bool = True, dropout: float = 0.0,
-                 target_sparsity: float = 0.5, core: Core = "reduced", predictor_kernel: int = 3,
-                 interp_kernel: int = 3):
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int = 4,
+        top_k: int = 1,
+        resolvent: Optional[ResolventConfig] = None,
+        causal: bool = True,
+        dropout: float = 0.0,
+        target_sparsity: float = 0.5,
+        core: Core = "reduced",
+        predictor_kernel: int = 3,
+        interp_kernel: int = 3,
+    ):
         nn.Module.__init__(self)
         self.ln = nn.LayerNorm(d_model)
-        self.bk = SparseBKLayer(d_model, d_ff, num_experts, top_k, resolvent, causal, dropout, target_sparsity,
-                                core, predictor_kernel, interp_kernel)
+        self.bk = SparseBKLayer(
+            d_model,
+            d_ff,
+            num_experts,
+            top_k,
+            resolvent,
+            causal,
+            dropout,
+            target_sparsity,
+            core,
+            predictor_kernel,
+            interp_kernel,
+        )
 
 
 def set_temperature(model: nn.Module, tau: float) -> None:
@@ -299,15 +331,36 @@ class MultiScaleSparseBlock(nn.Module):
     resolvent value was computed: the kept ones, the reduced core's K) for r = 1, 2.
     """
 
-    def __init__(self, d_model: int, d_ff: int, num_experts: int = 4, top_k: int = 1,
-                 resolvent: Optional[ResolventConfig] = None, dropout: float = 0.0, target_sparsity: float = 0.5,
-                 core: Core = "reduced", predictor_kernel: int = 3, interp_kernel: int = 3):
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int = 4,
+        top_k: int = 1,
+        resolvent: Optional[ResolventConfig] = None,
+        dropout: float = 0.0,
+        target_sparsity: float = 0.5,
+        core: Core = "reduced",
+        predictor_kernel: int = 3,
+        interp_kernel: int = 3,
+    ):
         super().__init__()
         from resnet_bk.layers.multiscale import CausalDownsample, CausalUpsample
 
         def block():
-            return SparseResNetBKBlock(d_model, d_ff, num_experts, top_k, resolvent, True, dropout,
-                                       target_sparsity, core, predictor_kernel, interp_kernel)
+            return SparseResNetBKBlock(
+                d_model,
+                d_ff,
+                num_experts,
+                top_k,
+                resolvent,
+                True,
+                dropout,
+                target_sparsity,
+                core,
+                predictor_kernel,
+                interp_kernel,
+            )
 
         self.ln_down = nn.LayerNorm(d_model)
         self.down = CausalDownsample(d_model)

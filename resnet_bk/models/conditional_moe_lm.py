@@ -48,9 +48,7 @@ class ConditionalMoELM(ResNetBKLM):
         causal: bool = True,
     ):
         # Build the plain model with one expert per layer (cheap), then swap in the routed MoE.
-        super().__init__(
-            vocab_size, d_model, n_layers, d_ff, 1, 1, max_seq_len, resolvent, dropout, causal
-        )
+        super().__init__(vocab_size, d_model, n_layers, d_ff, 1, 1, max_seq_len, resolvent, dropout, causal)
         d_ff = 4 * d_model if d_ff is None else d_ff
         for block in self.blocks:
             moe = ConditionalMoEFeedForward(d_model, d_ff, num_experts, top_p, min_experts, max_experts, dropout)

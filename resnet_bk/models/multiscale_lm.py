@@ -72,7 +72,9 @@ class MultiScaleLM(TiedEmbeddingLM):
         d_ff = 4 * d_model if d_ff is None else d_ff
         self.causal = causal
         self.blocks = nn.ModuleList(
-            MultiScaleBlock(d_model, d_ff, num_experts, top_k, resolvent, causal, dropout, hierarchical, refine, refine_d_ff)
+            MultiScaleBlock(
+                d_model, d_ff, num_experts, top_k, resolvent, causal, dropout, hierarchical, refine, refine_d_ff
+            )
             for _ in range(n_blocks)
         )
         # Residual blocks at every resolution count, as in a plain stack of that many blocks.

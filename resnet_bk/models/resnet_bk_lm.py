@@ -83,4 +83,3 @@ class ResNetBKLM(TiedEmbeddingLM):
         aux_losses = {k: v / n_layers for k, v in aux_sums.items()}
         stats = {k: v / n_layers for k, v in stat_sums.items()}
         return LMOutput(logits=logits, aux_losses=aux_losses, stats=stats)
-

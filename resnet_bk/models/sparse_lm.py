@@ -55,17 +55,41 @@ class SparseResNetBKLM(ResNetBKLM):
         predictor_kernel, interp_kernel: widths of the causal convolutions.
     """
 
-    def __init__(self, vocab_size: int, d_model: int = 128, n_layers: int = 4, d_ff: Optional[int] = None,
-                 num_experts: int = 4, top_k: int = 1, max_seq_len: int = 1024,
-                 resolvent: ResolventConfig = ResolventConfig(), dropout: float = 0.0, target_sparsity: float = 0.5,
-                 core: Core = "reduced", predictor_kernel: int = 3, interp_kernel: int = 3):
-        super().__init__(vocab_size, d_model, n_layers, d_ff, num_experts, top_k, max_seq_len, resolvent,
-                         dropout, causal=True)
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int = 128,
+        n_layers: int = 4,
+        d_ff: Optional[int] = None,
+        num_experts: int = 4,
+        top_k: int = 1,
+        max_seq_len: int = 1024,
+        resolvent: ResolventConfig = ResolventConfig(),
+        dropout: float = 0.0,
+        target_sparsity: float = 0.5,
+        core: Core = "reduced",
+        predictor_kernel: int = 3,
+        interp_kernel: int = 3,
+    ):
+        super().__init__(
+            vocab_size, d_model, n_layers, d_ff, num_experts, top_k, max_seq_len, resolvent, dropout, causal=True
+        )
         d_ff = 4 * d_model if d_ff is None else d_ff
         self.target_sparsity = target_sparsity
         self.blocks = nn.ModuleList(
-            SparseResNetBKBlock(d_model, d_ff, num_experts, top_k, resolvent, True, dropout, target_sparsity,
-                                core, predictor_kernel, interp_kernel)
+            SparseResNetBKBlock(
+                d_model,
+                d_ff,
+                num_experts,
+                top_k,
+                resolvent,
+                True,
+                dropout,
+                target_sparsity,
+                core,
+                predictor_kernel,
+                interp_kernel,
+            )
             for _ in range(n_layers)
         )
         _reinit(self, self.blocks)
@@ -101,17 +125,52 @@ class MultiScaleSparseLM(MultiScaleLM):
     fixed: False, "bk") and target_sparsity, core, predictor_kernel, interp_kernel as
     SparseResNetBKLM. Stats add "ffn_rows/res<r>", "mix_tokens/res<r>" per input position."""
 
-    def __init__(self, vocab_size: int, d_model: int = 128, n_blocks: int = 2, d_ff: Optional[int] = None,
-                 num_experts: int = 4, top_k: int = 1, max_seq_len: int = 1024,
-                 resolvent: ResolventConfig = ResolventConfig(), dropout: float = 0.0, target_sparsity: float = 0.5,
-                 core: Core = "reduced", predictor_kernel: int = 3, interp_kernel: int = 3):
-        super().__init__(vocab_size, d_model, n_blocks, False, "bk", None, d_ff, num_experts, top_k, max_seq_len,
-                         resolvent, dropout, True)
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int = 128,
+        n_blocks: int = 2,
+        d_ff: Optional[int] = None,
+        num_experts: int = 4,
+        top_k: int = 1,
+        max_seq_len: int = 1024,
+        resolvent: ResolventConfig = ResolventConfig(),
+        dropout: float = 0.0,
+        target_sparsity: float = 0.5,
+        core: Core = "reduced",
+        predictor_kernel: int = 3,
+        interp_kernel: int = 3,
+    ):
+        super().__init__(
+            vocab_size,
+            d_model,
+            n_blocks,
+            False,
+            "bk",
+            None,
+            d_ff,
+            num_experts,
+            top_k,
+            max_seq_len,
+            resolvent,
+            dropout,
+            True,
+        )
         d_ff = 4 * d_model if d_ff is None else d_ff
         self.target_sparsity = target_sparsity
         self.blocks = nn.ModuleList(
-            MultiScaleSparseBlock(d_model, d_ff, num_experts, top_k, resolvent, dropout, target_sparsity, core,
-                                  predictor_kernel, interp_kernel)
+            MultiScaleSparseBlock(
+                d_model,
+                d_ff,
+                num_experts,
+                top_k,
+                resolvent,
+                dropout,
+                target_sparsity,
+                core,
+                predictor_kernel,
+                interp_kernel,
+            )
             for _ in range(n_blocks)
         )
         _reinit(self, self.blocks)

@@ -97,4 +97,3 @@ class TransformerLM(TiedEmbeddingLM):
         for block in self.blocks:
             x = block(x)
         return LMOutput(logits=self.head(x))
-

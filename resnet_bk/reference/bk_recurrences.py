@@ -186,7 +186,6 @@ def alpha_and_k(diag: torch.Tensor, sub: torch.Tensor, sup: torch.Tensor, z: Com
     return alpha, k
 
 
-
 def tridiagonal_matrix(diag: torch.Tensor, sub: torch.Tensor, sup: torch.Tensor) -> torch.Tensor:
     """Dense (B, N, N) H from its three diagonals (for tests and plots)."""
     return torch.diag_embed(diag) + torch.diag_embed(sub, offset=-1) + torch.diag_embed(sup, offset=1)

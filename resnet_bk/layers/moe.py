@@ -154,9 +154,8 @@ def dispatch(
     token, expert = pair_token[order], pair_expert[order]
     valid = None if pair_valid is None else pair_valid[order]
     # index_select: its backward is an index_add (each row once), not the sort-based index_put.
-    y = experts(x.index_select(0, token), group_end, expert, valid) * pair_gate.index_select(0, order)[:, None].to(
-        x.dtype
-    )
+    gate = pair_gate.index_select(0, order)[:, None].to(x.dtype)
+    y = experts(x.index_select(0, token), group_end, expert, valid) * gate
     out = x.new_zeros(x.shape).index_add(0, token, y.to(x.dtype))  # sum each token's pairs
     return out, rows
 

@@ -159,12 +159,15 @@ def raw_loop(model: str, n: int, tokens: int, compiled: bool, dispatch: str, arg
 
 
 class FitMeter(L.Callback):
-    """Tokens/s of the training loop between batch `start` and the last one, and a profiled window."""
+    """Tokens/s of the training loop from batch `start` on, and GPU busy as lm_speed's rows measure it:
+    kernel time per step of a profiled window over the mean step time of the timed batches."""
 
     def __init__(self, start: int, profile_at: int, profile_steps: int):
         self.start, self.profile_at, self.profile_steps = start, profile_at, profile_steps
         self.t0 = self.tokens = None
+        self.batches = 0
         self.prof = None
+        self.kernel_us_per_step = self.gpu_busy = None
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         step = trainer.global_step
@@ -174,22 +177,23 @@ class FitMeter(L.Callback):
         if step == self.profile_at:
             self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
             self.prof.__enter__()
-            self.prof_t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if self.tokens is not None:
             self.tokens += batch["input_ids"].numel()
+            self.batches += 1
         if self.prof is not None and trainer.global_step == self.profile_at + self.profile_steps:
             torch.cuda.synchronize()
-            wall_us = (time.perf_counter() - self.prof_t0) * 1e6
             self.prof.__exit__(None, None, None)
             kernels = [e for e in self.prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-            self.gpu_busy = min(1.0, sum(e.time_range.elapsed_us() for e in kernels) / wall_us)
+            self.kernel_us_per_step = sum(e.time_range.elapsed_us() for e in kernels) / self.profile_steps
             self.prof = None
 
     def on_train_end(self, trainer, module):
         torch.cuda.synchronize()
         self.elapsed = time.perf_counter() - self.t0
+        if self.kernel_us_per_step is not None and self.batches:
+            self.gpu_busy = min(1.0, self.kernel_us_per_step / (1e6 * self.elapsed / self.batches))
 
 
 def lightning_fit(model: str, steps: int) -> dict:
@@ -223,7 +227,7 @@ def lightning_fit(model: str, steps: int) -> dict:
         "lightning_fit": True,
         "compiled": cli.model.compile_mode is not None,
         "tokens_per_s": meter.tokens / meter.elapsed,
-        "gpu_busy": getattr(meter, "gpu_busy", None),
+        "gpu_busy": meter.gpu_busy,
         "steps_timed": steps - 30,
     }
 

@@ -187,6 +187,7 @@ class LanguageModel(L.LightningModule):
         self.compile_mode = "default" if compile is True else (compile or None)
         self._watch = NonFiniteWatch()  # first non-finite training loss or gradient, on the device
         self._loss_terms_fn = self._loss_terms  # compiled in setup() where asked for
+        self._param_index_cache: tuple = (None, None)  # (key, device tensor) of _param_index
         # Optimizer steps the warmup + cosine schedule is planned over: fixed when a run starts and
         # kept by a resumed run (so a larger max_steps never moves the LR back up the cosine).
         self.schedule_total_steps: int | None = None
@@ -230,7 +231,7 @@ class LanguageModel(L.LightningModule):
             if not isinstance(value, torch.Tensor):  # a fill, not a (blocking) copy from the host
                 value = torch.full((), float(value), device=ce.device)
             values.append(value.detach().float().to(ce.device))
-        return loss, nll_sum.detach(), n_tokens, tuple(names), torch.stack([v.float() for v in values])
+        return loss, nll_sum.detach(), n_tokens, tuple(names), torch.stack(values)
 
     def _checked_loss(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str) -> LossOutput:
         """compute_loss, raising FloatingPointError if the loss is not finite (on any rank): one host
@@ -325,15 +326,14 @@ class LanguageModel(L.LightningModule):
             for p in self.parameters():
                 p.grad = None
             return
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return  # fp16 AMP: GradScaler skips overflowed steps itself (and lowers the scale)
         params = [p for p in self.parameters() if p.requires_grad]
         with_grad = [i for i, p in enumerate(params) if p.grad is not None]
         if not with_grad:
             return
         # Under DDP the gradients are already averaged, so every rank reaches the same verdict.
         norms = torch.stack(torch._foreach_norm([params[i].grad for i in with_grad]))
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is not None:
-            return  # fp16 AMP: GradScaler skips overflowed steps itself (and lowers the scale)
         if self.nonfinite == "stop":
             finite = torch.isfinite(norms)
             first_bad = self._param_index(with_grad, norms.device)[torch.argmin(finite.int())]
@@ -352,7 +352,7 @@ class LanguageModel(L.LightningModule):
     def _param_index(self, indices: list[int], device: torch.device) -> torch.Tensor:
         """indices as a device tensor, made once (a host-to-device copy is a synchronisation)."""
         key = (tuple(indices), str(device))
-        if getattr(self, "_param_index_cache", (None, None))[0] != key:
+        if self._param_index_cache[0] != key:
             self._param_index_cache = (key, torch.tensor(indices, device=device))
         return self._param_index_cache[1]
 

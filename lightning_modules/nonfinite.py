@@ -21,9 +21,6 @@ class NonFiniteWatch:
     def __init__(self):
         self.record: Optional[torch.Tensor] = None
 
-    def reset(self) -> None:
-        self.record = None
-
     def note(
         self, bad: torch.Tensor, step: int, batch: int, loss: torch.Tensor, ce: torch.Tensor, what: torch.Tensor | int
     ) -> None:

@@ -13,6 +13,7 @@ import lightning as L
 import pytest
 import torch
 import torch.multiprocessing as mp
+from fit_args import tiny_fit_args
 from torch.utils.data import DataLoader
 
 from lightning_modules.gradient_cache_store import GradientCache
@@ -379,38 +380,8 @@ def test_config_trains_a_few_steps_through_the_cli():
     from resnet_bk.cli import build
 
     tiny = [
-        "--trainer.max_steps",
-        "3",
-        "--trainer.limit_val_batches",
-        "1",
-        "--trainer.val_check_interval",
-        "3",
-        "--trainer.num_sanity_val_steps",
-        "0",
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.logger",
-        "false",
-        "--trainer.enable_checkpointing",
-        "false",
-        "--trainer.callbacks",
-        "[]",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
-        "--data.init_args.seq_len",
-        "16",
-        "--data.init_args.batch_size",
-        "2",
-        "--data.init_args.max_train_tokens",
-        "2000",
-        "--model.init_args.network.init_args.d_model",
-        "16",
-        "--model.init_args.network.init_args.n_layers",
-        "1",
-        "--model.init_args.warmup_steps",
-        "1",
+        *tiny_fit_args(seq_len=16, d_model=16, n_layers=1),
+        *("--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--model.init_args.warmup_steps", "1"),
         "--model.init_args.threshold=-1.0",  # every batch after the first hits
     ]
     with tempfile.TemporaryDirectory() as root:

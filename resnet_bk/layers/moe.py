@@ -80,7 +80,7 @@ class GroupedExperts(nn.Module):
             h = F.gelu(F.linear(x, self.c_fc.weight[0], self.c_fc.bias[0]))
             return F.linear(h, self.c_proj.weight[0], self.c_proj.bias[0])
         if not _grouped_mm_available(x):
-            return experts_reference(self, x, group_end, expert)
+            return experts_reference(self, x, group_end)
         dtype = _compute_dtype(x)
         # The grouped product leaves rows outside every group undefined, in forward and in the
         # gradient of its left operand; torch.where (not a product, which keeps NaN) cuts them out
@@ -100,7 +100,7 @@ def _grouped_linear(x, lin: GroupedLinear, group_end, expert, valid, dtype) -> t
     return y if valid is None else torch.where(valid[:, None], y, 0.0)
 
 
-def experts_reference(experts: GroupedExperts, x, group_end, expert=None) -> torch.Tensor:
+def experts_reference(experts: GroupedExperts, x, group_end) -> torch.Tensor:
     """Loop over experts on host-side row counts (the specification of GroupedExperts.forward);
     rows outside every group get 0."""
     ends = [0] + group_end.tolist()  # one host sync

@@ -12,8 +12,9 @@ exactly those of the command line. Spec keys (only `runs` is required):
     runs          list of {name, config (path or list), overrides {dotted.key: value}, seeds, meta {...}}
     overrides     applied to every run before its own ({"trainer.max_epochs": 6, "model.init_args.lr": 2e-3})
     seeds         [1234]: each run once per seed (--seed_everything)
-    budget        {steps: N} | {epochs: E} | {seconds: S, max_steps: N}: trainer.max_steps / max_epochs /
-                  max_time (S of wall-clock; max_steps is then the horizon the LR schedule decays over)
+    budget        {steps: N} | {epochs: E} | {seconds: S}: trainer.max_steps / max_epochs / S seconds of
+                  training steps (callbacks.TrainTimeBudget: warm-up and validation not charged, the LR
+                  cosine over the budget's time, so each run decays fully however fast its steps are)
     measure       what to measure after training: any of val_ppl, test_ppl (whole split, one device),
                   infer_tokens_per_s (eval forwards at each batch size), flops_per_token (executed, counted).
                   Always recorded: training tokens/s and step time (callbacks.Throughput), peak memory and
@@ -42,6 +43,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -127,8 +129,8 @@ def load_spec(path: str | Path) -> dict:
     if spec.get("baseline") not in (None, *names):
         raise SpecError(f"{path}: baseline {spec['baseline']!r} is not a run name ({names})")
     budget = spec.get("budget", {})
-    if "seconds" in budget and "max_steps" not in budget:
-        raise SpecError(f"{path}: budget.seconds needs budget.max_steps, the horizon of the LR schedule")
+    if "seconds" in budget and not (isinstance(budget["seconds"], (int, float)) and budget["seconds"] > 0):
+        raise SpecError(f"{path}: budget.seconds must be a number > 0, got {budget['seconds']!r}")
     spec["name"] = path.stem
     return spec
 
@@ -141,18 +143,19 @@ def _cli_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)  # null, true, 0.002, {"a": 1}, [1, 2]
 
 
-def budget_overrides(budget: dict) -> dict:
-    """trainer.* settings of a budget: steps, epochs, or seconds (with the schedule's max_steps)."""
+def budget_overrides(budget: dict, warmup_steps: int) -> dict:
+    """trainer.* settings of a budget: steps, epochs, or seconds of training (callbacks.TrainTimeBudget,
+    which also runs the LR cosine over that time; max_steps is only a cap)."""
     if "steps" in budget:
         return {"trainer.max_steps": budget["steps"], "trainer.max_epochs": -1}
     if "epochs" in budget:
         return {"trainer.max_epochs": budget["epochs"], "trainer.max_steps": -1}
     if "seconds" in budget:
-        s = int(budget["seconds"])
+        clock = {"seconds": budget["seconds"], "start_after_steps": warmup_steps}
         return {
-            "trainer.max_time": f"{s // 86400:02d}:{s // 3600 % 24:02d}:{s // 60 % 60:02d}:{s % 60:02d}",
-            "trainer.max_steps": budget["max_steps"],
+            "trainer.max_steps": 10**7,
             "trainer.max_epochs": -1,
+            "trainer.callbacks+": {"class_path": "callbacks.TrainTimeBudget", "init_args": clock},
         }
     return {}
 
@@ -165,20 +168,18 @@ def jobs(spec: dict, smoke: bool, runs_root: Path) -> list[dict]:
         for seed in seeds[:1] if smoke else seeds:
             label = run["name"] if len(seeds) == 1 else f"{run['name']}_s{seed}"
             overrides = {
-                **budget_overrides(spec.get("budget", {})),
+                **budget_overrides(spec.get("budget", {}), spec.get("warmup_steps", 10)),
                 **spec.get("overrides", {}),
                 **run.get("overrides", {}),
             }
             if smoke:
                 overrides.update(SMOKE)
-                if "seconds" in spec.get("budget", {}):
-                    overrides["trainer.max_time"] = "00:00:01:00"
                 overrides.update(spec.get("smoke", {}))
             args = [a for c in _as_list(run["config"]) for a in ("--config", str(ROOT / c))]
             args += ["--seed_everything", str(seed)]
             for key, value in overrides.items():
                 args += [f"--{key}", _cli_value(value)]
-            command = "lightning fit " + " ".join(a.replace(str(ROOT) + os.sep, "") for a in args)
+            command = "lightning fit " + " ".join(shlex.quote(a.replace(str(ROOT) + os.sep, "")) for a in args)
             args += [
                 "--trainer.default_root_dir",
                 str(runs_root),

@@ -1,5 +1,5 @@
 """Callbacks any config can switch on: data selection during training (curriculum, active learning)
-and its cost, the sparsity temperature schedule, measurements (FLOPs per token, throughput), and how
+and its cost, the sparsity temperature schedule, measurements (FLOPs per token, throughput), a training budget in seconds, and how
 a run shows itself (progress bar, model summary) and continues after a resume."""
 
 from callbacks.active_learning import ActiveLearning
@@ -9,6 +9,7 @@ from callbacks.first_screen import ModelSummaryWithoutFlops, RichStepProgressBar
 from callbacks.flops import FlopsPerToken
 from callbacks.sparsity_temperature import SparsityTemperature
 from callbacks.throughput import Throughput
+from callbacks.time_budget import TrainTimeBudget
 from callbacks.tokens_per_second import TokensPerSecond
 
 __all__ = [
@@ -21,5 +22,6 @@ __all__ = [
     "SparsityTemperature",
     "TQDMStepProgressBar",
     "Throughput",
+    "TrainTimeBudget",
     "TokensPerSecond",
 ]

@@ -73,8 +73,8 @@ def test_spec_errors_are_one_line(tmp_path):
     spec.write_text("runs: [{name: a, config: configs/nope.yaml}]\n")
     with pytest.raises(runner.SpecError, match="configs/nope.yaml does not exist"):
         runner.load_spec(spec)
-    spec.write_text("runs: [{name: a, config: configs/quickstart.yaml}]\nbudget: {seconds: 60}\n")
-    with pytest.raises(runner.SpecError, match="max_steps"):
+    spec.write_text("runs: [{name: a, config: configs/quickstart.yaml}]\nbudget: {seconds: 0}\n")
+    with pytest.raises(runner.SpecError, match="budget.seconds must be a number > 0"):
         runner.load_spec(spec)
 
 

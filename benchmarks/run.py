@@ -383,6 +383,7 @@ def run_spec(path: str | Path, smoke: bool = False, out: str | Path | None = Non
     for job in todo:
         if parallel == 1 and not job["separate_process"]:
             report["records"].append(run_one(job))
+            torch._dynamo.reset()  # compiled graphs of every run share one code object's cache and its recompile limit
             gc.collect()  # the run's model, optimizer and loaders, before the next one is timed
             torch.cuda.empty_cache()
         else:

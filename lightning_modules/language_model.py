@@ -187,6 +187,7 @@ class LanguageModel(L.LightningModule):
         self.compile_mode = "default" if compile is True else (compile or None)
         self._watch = NonFiniteWatch()  # first non-finite training loss or gradient, on the device
         self._loss_terms_fn = self._loss_terms  # compiled in setup() where asked for
+        self._compiled_shapes: dict[tuple[bool, bool], tuple[int, ...]] = {}  # (training, grad) -> input shape
         self._param_index_cache: tuple = (None, None)  # (key, device tensor) of _param_index
         # Optimizer steps the warmup + cosine schedule is planned over: fixed when a run starts and
         # kept by a resumed run (so a larger max_steps never moves the LR back up the cosine).
@@ -201,7 +202,8 @@ class LanguageModel(L.LightningModule):
         """One forward pass and its loss. Subclasses override this (calling super) to add terms."""
         if self.compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are done with
-        loss, nll_sum, n_tokens, names, values = self._loss_terms_fn(batch["input_ids"], batch["targets"])
+        loss_terms = self._loss_terms_for(batch["input_ids"])
+        loss, nll_sum, n_tokens, names, values = loss_terms(batch["input_ids"], batch["targets"])
         # One copy takes the logged scalars out of the (CUDA-graph) output buffers, which the next step reuses.
         values = values.clone()
         logs = dict(zip(names, values.unbind()))
@@ -232,6 +234,17 @@ class LanguageModel(L.LightningModule):
                 value = torch.full((), float(value), device=ce.device)
             values.append(value.detach().float().to(ce.device))
         return loss, nll_sum.detach(), n_tokens, tuple(names), torch.stack(values)
+
+    def _loss_terms_for(self, input_ids: torch.Tensor):
+        """The compiled loss for the first input shape met in each mode (train / eval, grad or not);
+        any other shape (an epoch's last, partial batch) runs eagerly rather than compiling another
+        graph: a graph per shape would cost a compilation each (tens of seconds on a GPU) and run into
+        torch.compile's recompile limit."""
+        if self._loss_terms_fn == self._loss_terms:  # not compiled
+            return self._loss_terms_fn
+        key = (self.training, torch.is_grad_enabled())
+        first = self._compiled_shapes.setdefault(key, tuple(input_ids.shape))
+        return self._loss_terms_fn if first == tuple(input_ids.shape) else self._loss_terms
 
     def _checked_loss(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str) -> LossOutput:
         """compute_loss, raising FloatingPointError if the loss is not finite (on any rank): one host

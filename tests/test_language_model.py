@@ -105,6 +105,26 @@ def test_loss_adds_weighted_aux_losses_and_logs_them():
     assert set(logs) == {"ce", "aux/load_balance", "aux/ponder", "stats/logit_mean"}
 
 
+def test_compiled_loss_serves_one_shape_per_mode_and_other_shapes_run_eagerly():
+    model = LanguageModel(network=TinyLM, vocab_size=V)
+    calls = []
+
+    def compiled(input_ids, targets):  # stands in for torch.compile's function (compile is CUDA-only)
+        calls.append(tuple(input_ids.shape))
+        return model._loss_terms(input_ids, targets)
+
+    model._loss_terms_fn = compiled
+    full, partial_batch = uneven_batches()
+    model.compute_loss(full, "train")
+    model.compute_loss(partial_batch, "train")  # an epoch's last, smaller batch: eager, no new graph
+    model.compute_loss(full, "train")
+    model.eval()
+    with torch.no_grad():
+        model.compute_loss(partial_batch, "val")  # the first eval shape gets the compiled function
+        model.compute_loss(full, "val")
+    assert calls == [(5, 7), (5, 7), (2, 7)]
+
+
 def test_aux_loss_without_weight_is_an_error_naming_it():
     model = LanguageModel(network=partial(TinyLM, aux=("ponder",)), vocab_size=V)  # default weights: load_balance
     with pytest.raises(ValueError, match="'ponder'.*no weight"):

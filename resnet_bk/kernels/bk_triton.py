@@ -65,6 +65,9 @@ CONFIG = {
     # Positions per thread (4 or 8) in the forward and backward kernels.
     "rows_fwd": 8,
     "rows_bwd": 8,
+    # Fewest threads' rows in a single-block row (32: one warp; tests lower it, since Triton's
+    # interpreter runs scans element by element).
+    "min_rows": 32,
     # Most warps per program.
     "max_warps": 16,
     # Chunk summaries the carry kernel scans per loop step.
@@ -862,7 +865,7 @@ def plan(n: int, backward: bool = False) -> tuple:
     cfg = CONFIG
     s = cfg["rows_bwd" if backward else "rows_fwd"]
     if n <= cfg["single_max"]:
-        block = max(s * 32, _next_pow2(n))
+        block = max(s * cfg["min_rows"], _next_pow2(n))
     else:
         block = cfg["chunk"]
         if block < cfg["min_chunk"] or block & (block - 1) or block < 2 * s:

@@ -2,7 +2,8 @@
 
 The specification is the PyTorch reference in ``resnet_bk.bk_core`` (``method="scan"`` /
 ``"sequential"``, and ``dense_green_diagonal`` in float64); ``tests/test_bk_triton.py`` compares
-values and gradients of these kernels against it. Notation as there: alpha_i = a_i - z,
+values and gradients of these kernels against it, and ``tests/test_fused_resolvent.py`` the
+multi-channel entry points against ``resnet_bk.layers.resolvent``'s reference path. Notation as there: alpha_i = a_i - z,
 k_i = b_i c_i (real, since sub and sup are real), and
 
     d_0 = alpha_0,         d_i = alpha_i - k_{i-1} / d_{i-1}     (left to right)
@@ -25,7 +26,7 @@ Scheme: three levels, all arithmetic in float32 on real/imag parts (inputs float
   To know where to start, it first composes its S steps into one map: the 2x2 Moebius matrix
   M_{S-1} ... M_0 with M_i = [[alpha_i, -k_{i-1}], [1, 0]] (12 flops a step, renormalised every 4
   steps; only ratios matter), or the affine map x -> B + A x for the adjoints.
-* Program: one program per (chunk of BLOCK = R*S positions, batch row). ``tl.associative_scan``
+* Program: one program per (chain, chunk of BLOCK = R*S positions). ``tl.associative_scan``
   over the R rows composes the row maps (log depth; a Moebius product is divided by its largest
   |component| at each combine); the state entering each row is the neighbouring row's result,
   moved over by one more small scan (registers cannot be indexed).
@@ -34,6 +35,24 @@ Scheme: three levels, all arithmetic in float32 on real/imag parts (inputs float
   writes each chunk's incoming state; the "final" launch runs the chunk from that state. A row
   that fits in one block (N <= 4096 by default) needs only the final launch: one launch forward,
   one backward. Forward's incoming states (8 floats per chunk) are kept for the backward.
+
+Layouts. A "chain" (one tridiagonal system) is a row of the grid's axis 0. With C (a constexpr)
+chains per sequence, chain r = b * C + c reads positions i of contiguous arrays at
+
+    diag[b, i, c]   (B, N, C)          couplings[b, i, c]   (B, N-1, C)
+    out[b, i, 2c], out[b, i, 2c + 1]   (B, N, 2C) float32: Re and Im of g_i (the grad likewise)
+
+so C = 1 is the (B, N) layout of ``green_diagonal`` (out: complex64 (B, N) seen as real) and
+C > 1 is the multi-channel layer's (B, N, C) projection output and (B, N, 2C) features, read and
+written with no permute. Further parameters: a constant ``dshift`` added to the diagonal (the
+Laplacian's -2); z as two constants, or read at z_re/z_im + b * zsb + c * zsc + i * zsn (a complex
+tensor broadcast to (B, N), or one real z per channel); couplings as two arrays (k = sub * sup),
+one symmetric array b (SYM: k = b^2, grad_b = 2 b grad_k), or none (HAS_K False: k = 1, nothing
+read); the z gradient as per-position complex grad_alpha (Z_GRAD 1) or one (Re, Im) sum of grad_z
+per program (Z_GRAD 2), summed over programs afterwards in a fixed order (no atomics). Entry points:
+``forward`` / ``backward`` (C = 1) and ``features_forward`` / ``features_backward`` (C chains).
+A chain's positions are C elements apart: for C > 1 the loads are not coalesced within a program;
+neighbouring channels run in neighbouring programs (rows on grid axis 0) and share cache lines.
 
 Backward recomputes d (and e) from the inputs instead of reading saved complex intermediates:
 reading a, b, c (12 bytes/position in float32) is cheaper than d, e (16 bytes).

@@ -52,9 +52,13 @@ def random_inputs(b, n, c, with_couplings, seed):
     return v, k, z_re, z_im
 
 
+DTYPES_VZK = (torch.float32, torch.complex64)  # resolvent_features' (v, z, couplings)
+
+
 def values_and_grads(fn, inputs, weight, dtype, z_dtype):
-    """fn's output and the gradients of sum(weight * out) w.r.t. every tensor input."""
-    dtypes = (dtype, dtype, z_dtype, z_dtype)
+    """fn's output and the gradients of sum(weight * out) w.r.t. every tensor input: (v, couplings,
+    z_re, z_im) in dtype, dtype, z_dtype, z_dtype, or (v, z, couplings) in dtype, z_dtype, dtype."""
+    dtypes = (dtype, dtype, z_dtype, z_dtype) if len(inputs) == 4 else (dtype, z_dtype, dtype)
     leaves = [None if t is None else t.to(DEVICE, d).detach().requires_grad_() for t, d in zip(inputs, dtypes)]
     out = fn(*leaves)
     (out.double() * weight.to(out.device)).sum().backward()
@@ -68,7 +72,7 @@ def reference(v, k, z_re, z_im, causal):
 def rel_err(out, ref):
     if ref.numel() == 0:
         return 0.0
-    return ((out.detach().cpu().double() - ref).abs().max() / ref.abs().max()).item()
+    return ((out.detach().cpu().to(ref.dtype) - ref).abs().max() / ref.abs().max()).item()
 
 
 def check(b, n, c, with_couplings, causal, dtype=torch.float32, tol=2e-5, grad_tol=2e-5, seed=0):
@@ -132,14 +136,21 @@ def test_resolvent_features_dispatches_to_the_fused_path(monkeypatch):
     calls = []
     apply = fused_resolvent.FusedResolventFeatures.apply
     monkeypatch.setattr(fused_resolvent.FusedResolventFeatures, "apply", lambda *a: calls.append(1) or apply(*a))
-    v, k, z_re, z_im = (t.float().to(DEVICE) for t in random_inputs(1, 4, 2, True, seed=4))
+    v, k, z_re, z_im = random_inputs(1, 4, 2, True, seed=4)
     z = torch.complex(z_re, z_im)
+    weight = torch.randn(1, 4, 4, dtype=torch.float64)
     with bk_triton.config(**TINY):
-        with use_method("triton"):
-            fused = resolvent_features(v, z, k, True)
+        with use_method("triton"):  # a complex (C,) z: the fused path reads z.real, z.imag (strided views)
+            fused, grads = values_and_grads(lambda *a: resolvent_features(*a, True), (v, z, k), weight, *DTYPES_VZK)
         assert len(calls) == 1
-        assert rel_err(fused, resolvent_features(v.double(), z.to(torch.complex128), k.double(), True)) < 2e-5
+        ref, ref_grads = values_and_grads(
+            lambda *a: resolvent_features(*a, True), (v, z, k), weight, torch.float64, torch.complex128
+        )
         assert len(calls) == 1  # float64 never goes to the float32 kernels
+        assert rel_err(fused, ref) < 2e-5
+        for g, r in zip(grads, ref_grads):
+            assert g.shape == r.shape and rel_err(g, r) < 2e-5
+        v, z, k = v.float().to(DEVICE), z.to(DEVICE, torch.complex64), k.float().to(DEVICE)
         with use_method("scan"):
             resolvent_features(v, z, k, True)
         assert len(calls) == 1

@@ -65,6 +65,7 @@ themselves: if they overflow float32, so does the gradient).
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 import triton
@@ -926,9 +927,22 @@ def _launch(kernel, grid, args, consts, num_warps):
     kernel[grid](*args, **consts, num_warps=num_warps)
 
 
-def _run_forward(diag, sub, sup, out, rows, n, channels, zargs, dshift, has_k, sym, causal):
-    """Launch the forward over `rows` chains of length n laid out as (B, n, channels); write out
-    (float32 (B, n, 2 * channels)) and return the saved incoming states (rows, carry_slots(n), 8)."""
+class Layout(NamedTuple):
+    """rows = B * channels chains of length n in (B, n, channels) arrays; dshift added to the
+    diagonal; couplings: has_k (else k = 1) and sym (one array b, k = b^2; else k = sub * sup)."""
+
+    rows: int
+    n: int
+    channels: int
+    dshift: float
+    has_k: bool
+    sym: bool
+
+
+def _run_forward(diag, sub, sup, out, lay: Layout, zargs, causal):
+    """Launch the forward; write out (float32 (B, n, 2 * channels)) and return the saved incoming
+    states (rows, carry_slots(n), 8)."""
+    rows, n = lay.rows, lay.n
     zp, zip_, zr, zi, zsb, zsc, zsn, z_tensor = zargs
     if not z_tensor:  # valid pointers that are never read
         zp = zip_ = out
@@ -936,7 +950,8 @@ def _run_forward(diag, sub, sup, out, rows, n, channels, zargs, dshift, has_k, s
     nca = carry_slots(n)
     carries = torch.empty((rows, nca, 8), dtype=torch.float32, device=out.device)
     grid = (rows, nc)
-    layout = dict(C=channels, HAS_K=has_k, SYM=sym, CAUSAL=causal, Z_TENSOR=z_tensor, BLOCK=block, S=s)
+    layout = dict(C=lay.channels, HAS_K=lay.has_k, SYM=lay.sym, CAUSAL=causal, Z_TENSOR=z_tensor, BLOCK=block, S=s)
+    dshift = lay.dshift
     if nc > 1:
         summ = torch.empty((rows, nca, 16), dtype=torch.float32, device=out.device)
         _launch(
@@ -968,11 +983,11 @@ def _run_forward(diag, sub, sup, out, rows, n, channels, zargs, dshift, has_k, s
     return carries
 
 
-def _run_backward(
-    grad, diag, sub, sup, carries, g_diag, g_sub, g_sup, g_z, rows, n, channels, zargs, dshift, has_k, sym, causal, z_grad
-):
-    """Launch the backward (the layout as in _run_forward); write g_diag, g_sub, g_sup and g_z
-    (z_grad 1: per-position complex grad_alpha; 2: per-(row, chunk) sums of grad_z; 0: nothing)."""
+def _run_backward(grad, diag, sub, sup, carries, grads, lay: Layout, zargs, causal, z_grad: int):
+    """Launch the backward; write grads = (g_diag, g_sub, g_sup, g_z) (z_grad 1: per-position
+    complex grad_alpha in g_z; 2: per-(row, chunk) sums of grad_z; 0: nothing)."""
+    rows, n = lay.rows, lay.n
+    g_diag, g_sub, g_sup, g_z = grads
     zp, zip_, zr, zi, zsb, zsc, zsn, z_tensor = zargs
     if not z_tensor:
         zp = zip_ = grad
@@ -981,7 +996,9 @@ def _run_backward(
         raise ValueError("bk_triton: forward and backward must cut rows into the same chunks")
     nca = carry_slots(n)
     grid = (rows, nc)
-    layout = dict(C=channels, HAS_K=has_k, SYM=sym, CAUSAL=causal, Z_TENSOR=z_tensor, Z_GRAD=z_grad, BLOCK=block, S=s)
+    layout = dict(C=lay.channels, HAS_K=lay.has_k, SYM=lay.sym, CAUSAL=causal, Z_TENSOR=z_tensor, BLOCK=block, S=s)
+    layout.update(Z_GRAD=z_grad)
+    dshift = lay.dshift
     if nc > 1:
         asum = torch.empty((rows, nca, 8), dtype=torch.float32, device=grad.device)
         bcar = torch.empty((rows, nca, 4), dtype=torch.float32, device=grad.device)
@@ -1040,7 +1057,8 @@ def forward(diag: torch.Tensor, sub: torch.Tensor, sup: torch.Tensor, z, causal:
         sub = sup = diag
     out = torch.empty((b, n), dtype=torch.complex64, device=diag.device)
     zargs = _z_args(z, b, n, diag.device)
-    carries = _run_forward(diag, sub, sup, torch.view_as_real(out), b, n, 1, zargs, 0.0, True, False, causal)
+    lay = Layout(rows=b, n=n, channels=1, dshift=0.0, has_k=True, sym=False)
+    carries = _run_forward(diag, sub, sup, torch.view_as_real(out), lay, zargs, causal)
     return out, carries
 
 
@@ -1073,9 +1091,8 @@ def backward(
     g_alpha = torch.empty((b, n), dtype=torch.complex64, device=dev) if z_grad else None
     gav = torch.view_as_real(g_alpha) if z_grad else g_diag
     zargs = _z_args(z, b, n, dev)
-    _run_backward(
-        grad, diag, sub, sup, carries, g_diag, g_sub, g_sup, gav, b, n, 1, zargs, 0.0, True, False, causal, 1 if z_grad else 0
-    )
+    lay = Layout(rows=b, n=n, channels=1, dshift=0.0, has_k=True, sym=False)
+    _run_backward(grad, diag, sub, sup, carries, (g_diag, g_sub, g_sup, gav), lay, zargs, causal, 1 if z_grad else 0)
     return g_diag, g_sub[:, : n - 1], g_sup[:, : n - 1], g_alpha
 
 
@@ -1100,14 +1117,22 @@ def features_forward(v: torch.Tensor, couplings, z_re, z_im, causal: bool, dshif
     k = _contig(couplings) if couplings is not None and n > 1 else v
     out = torch.empty((b, n, 2 * c), dtype=torch.float32, device=v.device)
     zargs = _channel_z_args(z_re, z_im, v.device)
-    carries = _run_forward(v, k, k, out, b * c, n, c, zargs, float(dshift), couplings is not None, True, causal)
+    lay = Layout(rows=b * c, n=n, channels=c, dshift=float(dshift), has_k=couplings is not None, sym=True)
+    carries = _run_forward(v, k, k, out, lay, zargs, causal)
     return out, carries
 
 
 def features_backward(
-    grad: torch.Tensor, v: torch.Tensor, couplings, z_re, z_im, carries: torch.Tensor, causal: bool, z_grad: bool,
+    grad: torch.Tensor,
+    v: torch.Tensor,
+    couplings,
+    z_re,
+    z_im,
+    carries: torch.Tensor,
+    causal: bool,
+    z_grad: bool,
     dshift: float = -2.0,
-):  # fmt: skip
+):
     """Exact vector-Jacobian product of ``features_forward``.
 
     Args: grad, the (B, N, 2C) gradient of the features; the rest as ``features_forward`` (carries
@@ -1127,8 +1152,7 @@ def features_backward(
     nc = plan(n, backward=True)[1]
     g_z = torch.empty((b * c, nc, 2), dtype=torch.float32, device=dev) if z_grad else None
     zargs = _channel_z_args(z_re, z_im, dev)
-    _run_backward(
-        grad, v, k, k, carries, g_v, g_k if (has_k and n > 1) else g_v, g_v, g_z if z_grad else g_v,
-        b * c, n, c, zargs, float(dshift), has_k, True, causal, 2 if z_grad else 0,
-    )  # fmt: skip
+    grads = (g_v, g_k if (has_k and n > 1) else g_v, g_v, g_z if z_grad else g_v)  # unused ones: never written
+    lay = Layout(rows=b * c, n=n, channels=c, dshift=float(dshift), has_k=has_k, sym=True)
+    _run_backward(grad, v, k, k, carries, grads, lay, zargs, causal, 2 if z_grad else 0)
     return g_v, g_k, (g_z.view(b, c, nc, 2).sum((0, 2)) if z_grad else None)

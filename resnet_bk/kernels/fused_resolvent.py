@@ -200,7 +200,7 @@ def resolvent_features_backward_op(
 @resolvent_features_backward_op.register_fake
 def _resolvent_features_backward_fake(
     grad, v, couplings, z_re, z_im, z_re_const, z_im_const, causal, impl, carries, z_grad
-):  # fmt: skip
+):
     g_k = torch.empty_like(couplings) if couplings is not None else _empty(v)
     g_z = v.new_empty((v.shape[2], 2), dtype=torch.float32) if z_grad else _empty(v)
     return torch.empty_like(v), g_k, g_z
@@ -294,7 +294,7 @@ def resolvent_features_fused(
     if impl == "triton" and not torch.compiler.is_compiling():
         return FusedResolventFeatures.apply(v, couplings, z_re, z_im, causal)
     if isinstance(z_re, torch.Tensor):
-        out, _ = torch.ops.resnet_bk.resolvent_features(v, couplings, z_re, z_im, 0.0, 0.0, causal, impl)
+        z_args = (z_re, z_im, 0.0, 0.0)
     else:
-        out, _ = torch.ops.resnet_bk.resolvent_features(v, couplings, None, None, float(z_re), float(z_im), causal, impl)
-    return out
+        z_args = (None, None, float(z_re), float(z_im))
+    return torch.ops.resnet_bk.resolvent_features(v, couplings, *z_args, causal, impl)[0]

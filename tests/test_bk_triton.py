@@ -39,8 +39,8 @@ bk_triton = _load_kernels()
 DEVICE = "cuda" if CUDA else "cpu"
 # Rows longer than 16 positions run as several chunks of 16 (4 threads of 4 positions); the carry
 # kernel folds 2 chunk summaries a step. SMALL_CHUNKS_S8: chunks of 32 with 8 positions per thread.
-SMALL_CHUNKS = dict(single_max=16, chunk=16, min_chunk=16, rows_fwd=4, rows_bwd=4, carry_block=2)
-SMALL_CHUNKS_S8 = dict(single_max=32, chunk=32, min_chunk=32, rows_fwd=8, rows_bwd=8, carry_block=2)
+SMALL_CHUNKS = dict(single_max=16, chunk=16, min_chunk=16, rows_fwd=4, rows_bwd=4, carry_block=2, min_rows=4)
+SMALL_CHUNKS_S8 = dict(single_max=32, chunk=32, min_chunk=32, rows_fwd=8, rows_bwd=8, carry_block=2, min_rows=4)
 
 
 def random_chain(b, n, seed, scale=3.0):

@@ -2,7 +2,8 @@
 
 The specification is the PyTorch reference in ``resnet_bk.bk_core`` (``method="scan"`` /
 ``"sequential"``, and ``dense_green_diagonal`` in float64); ``tests/test_bk_triton.py`` compares
-values and gradients of these kernels against it. Notation as there: alpha_i = a_i - z,
+values and gradients of these kernels against it, and ``tests/test_fused_resolvent.py`` the
+multi-channel entry points against ``resnet_bk.layers.resolvent``'s reference path. Notation as there: alpha_i = a_i - z,
 k_i = b_i c_i (real, since sub and sup are real), and
 
     d_0 = alpha_0,         d_i = alpha_i - k_{i-1} / d_{i-1}     (left to right)
@@ -25,7 +26,7 @@ Scheme: three levels, all arithmetic in float32 on real/imag parts (inputs float
   To know where to start, it first composes its S steps into one map: the 2x2 Moebius matrix
   M_{S-1} ... M_0 with M_i = [[alpha_i, -k_{i-1}], [1, 0]] (12 flops a step, renormalised every 4
   steps; only ratios matter), or the affine map x -> B + A x for the adjoints.
-* Program: one program per (chunk of BLOCK = R*S positions, batch row). ``tl.associative_scan``
+* Program: one program per (chain, chunk of BLOCK = R*S positions). ``tl.associative_scan``
   over the R rows composes the row maps (log depth; a Moebius product is divided by its largest
   |component| at each combine); the state entering each row is the neighbouring row's result,
   moved over by one more small scan (registers cannot be indexed).
@@ -34,6 +35,24 @@ Scheme: three levels, all arithmetic in float32 on real/imag parts (inputs float
   writes each chunk's incoming state; the "final" launch runs the chunk from that state. A row
   that fits in one block (N <= 4096 by default) needs only the final launch: one launch forward,
   one backward. Forward's incoming states (8 floats per chunk) are kept for the backward.
+
+Layouts. A "chain" (one tridiagonal system) is a row of the grid's axis 0. With C (a constexpr)
+chains per sequence, chain r = b * C + c reads positions i of contiguous arrays at
+
+    diag[b, i, c]   (B, N, C)          couplings[b, i, c]   (B, N-1, C)
+    out[b, i, 2c], out[b, i, 2c + 1]   (B, N, 2C) float32: Re and Im of g_i (the grad likewise)
+
+so C = 1 is the (B, N) layout of ``green_diagonal`` (out: complex64 (B, N) seen as real) and
+C > 1 is the multi-channel layer's (B, N, C) projection output and (B, N, 2C) features, read and
+written with no permute. Further parameters: a constant ``dshift`` added to the diagonal (the
+Laplacian's -2); z as two constants, or read at z_re/z_im + b * zsb + c * zsc + i * zsn (a complex
+tensor broadcast to (B, N), or one real z per channel); couplings as two arrays (k = sub * sup),
+one symmetric array b (SYM: k = b^2, grad_b = 2 b grad_k), or none (HAS_K False: k = 1, nothing
+read); the z gradient as per-position complex grad_alpha (Z_GRAD 1) or one (Re, Im) sum of grad_z
+per program (Z_GRAD 2), summed over programs afterwards in a fixed order (no atomics). Entry points:
+``forward`` / ``backward`` (C = 1) and ``features_forward`` / ``features_backward`` (C chains).
+A chain's positions are C elements apart: for C > 1 the loads are not coalesced within a program;
+neighbouring channels run in neighbouring programs (rows on grid axis 0) and share cache lines.
 
 Backward recomputes d (and e) from the inputs instead of reading saved complex intermediates:
 reading a, b, c (12 bytes/position in float32) is cheaper than d, e (16 bytes).
@@ -46,6 +65,7 @@ themselves: if they overflow float32, so does the gradient).
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 import triton
@@ -65,6 +85,9 @@ CONFIG = {
     # Positions per thread (4 or 8) in the forward and backward kernels.
     "rows_fwd": 8,
     "rows_bwd": 8,
+    # Fewest threads' rows in a single-block row (32: one warp; tests lower it, since Triton's
+    # interpreter runs scans element by element).
+    "min_rows": 32,
     # Most warps per program.
     "max_warps": 16,
     # Chunk summaries the carry kernel scans per loop step.
@@ -242,11 +265,43 @@ def _tile(c, R: tl.constexpr, S: tl.constexpr):
 
 
 @triton.jit
-def _store_complex(ptr, row, N, rstart, re, im, R: tl.constexpr, S: tl.constexpr):
-    """Store columns (re, im) as interleaved complex64 at the rows starting at rstart of a (B, N) array."""
-    v = tl.reshape(tl.join(_tile(re, R, S), _tile(im, R, S)), [R, 2 * S])
-    p2 = rstart[:, None] * 2 + tl.arange(0, 2 * S)[None, :]
-    tl.store(ptr + row * N * 2 + p2, v, mask=p2 < 2 * N)
+def _offsets(row, pos, L, C: tl.constexpr):
+    """Element offsets of positions pos of chain `row` in a contiguous (B, L, C) array, where
+    row = b * C + c (for C = 1: a (B, L) array, row = b)."""
+    if C == 1:
+        off = row * L + pos
+    else:
+        off = ((row // C) * L + pos) * C + row % C
+    return off
+
+
+@triton.jit
+def _store_complex(ptr, row, N, rstart, pos, re, im, C: tl.constexpr, R: tl.constexpr, S: tl.constexpr):
+    """Store columns (re, im) as the pair (re, im) of chain `row` at positions pos of a float32
+    (B, N, 2C) array: C = 1 is a (B, N) complex64 array seen as real."""
+    if C == 1:
+        v = tl.reshape(tl.join(_tile(re, R, S), _tile(im, R, S)), [R, 2 * S])
+        p2 = rstart[:, None] * 2 + tl.arange(0, 2 * S)[None, :]
+        tl.store(ptr + row * N * 2 + p2, v, mask=p2 < 2 * N)
+    else:
+        off = _offsets(row, pos, N, C) * 2
+        m = pos < N
+        tl.store(ptr + off, _tile(re, R, S), mask=m)
+        tl.store(ptr + off + 1, _tile(im, R, S), mask=m)
+
+
+@triton.jit
+def _load_complex(ptr, row, N, rstart, pos, C: tl.constexpr, R: tl.constexpr, S: tl.constexpr):
+    """Columns (re, im) of chain `row` from a (B, N, 2C) pair array (the layout _store_complex writes)."""
+    if C == 1:
+        p2 = rstart[:, None] * 2 + tl.arange(0, 2 * S)[None, :]
+        re, im = tl.split(tl.reshape(tl.load(ptr + row * N * 2 + p2, mask=p2 < 2 * N, other=0.0), [R, S, 2]))
+    else:
+        off = _offsets(row, pos, N, C) * 2
+        m = pos < N
+        re = tl.load(ptr + off, mask=m, other=0.0)
+        im = tl.load(ptr + off + 1, mask=m, other=0.0)
+    return _cols(re.to(tl.float32), R, S), _cols(im.to(tl.float32), R, S)
 
 
 @triton.jit
@@ -260,15 +315,35 @@ def _store8(ptr, t, sel):
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _load_alpha(
-    diag_ptr, z_ptr, zr, zi, zsb, zsn, row, pos, N, Z_TENSOR: tl.constexpr, R: tl.constexpr, S: tl.constexpr
+    diag_ptr,
+    z_ptr,
+    zi_ptr,
+    zr,
+    zi,
+    zsb,
+    zsc,
+    zsn,
+    dshift,
+    row,
+    pos,
+    N,
+    C: tl.constexpr,
+    Z_TENSOR: tl.constexpr,
+    R: tl.constexpr,
+    S: tl.constexpr,
 ):
-    """Columns of alpha = a - z (re, im); positions >= N read a = 0 (alpha = -z, finite)."""
+    """Columns of alpha = a + dshift - z (re, im); positions >= N read a = 0 (alpha finite).
+
+    z is (zr, zi), or with Z_TENSOR read at z_ptr / zi_ptr + b * zsb + c * zsc + pos * zsn."""
     m = pos < N
-    a = _cols(tl.load(diag_ptr + row * N + pos, mask=m, other=0.0).to(tl.float32), R, S)
+    a = _cols(tl.load(diag_ptr + _offsets(row, pos, N, C), mask=m, other=0.0).to(tl.float32) + dshift, R, S)
     if Z_TENSOR:
-        zp = z_ptr + row * zsb + pos * zsn
-        zre = _cols(tl.load(zp, mask=m, other=0.0), R, S)
-        zim = _cols(tl.load(zp + 1, mask=m, other=1.0), R, S)
+        if C == 1:
+            zo = row * zsb + pos * zsn
+        else:
+            zo = (row // C) * zsb + (row % C) * zsc + pos * zsn
+        zre = _cols(tl.load(z_ptr + zo, mask=m, other=0.0).to(tl.float32), R, S)
+        zim = _cols(tl.load(zi_ptr + zo, mask=m, other=1.0).to(tl.float32), R, S)
         ar = ()
         ai = ()
         for j in tl.static_range(S):
@@ -284,20 +359,41 @@ def _load_alpha(
 
 
 @triton.jit
-def _load_k(sub_ptr, sup_ptr, row, pos, N):
-    """k = sub * sup at positions pos (any shape), zero outside [0, N-1)."""
+def _load_k(sub_ptr, sup_ptr, row, pos, N, C: tl.constexpr, HAS_K: tl.constexpr, SYM: tl.constexpr):
+    """k = sub * sup at positions pos (any shape), zero outside [0, N-1).
+
+    HAS_K False: every coupling is 1 (the Laplacian; nothing read). SYM: sub and sup are the same
+    array b, k = b^2 (one read)."""
     m = (pos >= 0) & (pos < N - 1)
-    off = row * (N - 1) + pos
-    c = tl.load(sub_ptr + off, mask=m, other=0.0).to(tl.float32)
-    b = tl.load(sup_ptr + off, mask=m, other=0.0).to(tl.float32)
-    return c * b
+    if HAS_K:
+        off = _offsets(row, pos, N - 1, C)
+        c = tl.load(sub_ptr + off, mask=m, other=0.0).to(tl.float32)
+        if SYM:
+            k = c * c
+        else:
+            k = c * tl.load(sup_ptr + off, mask=m, other=0.0).to(tl.float32)
+    else:
+        k = tl.where(m, 1.0, 0.0)
+    return k
 
 
 @triton.jit
-def _load_couplings(sub_ptr, sup_ptr, row, pos, rstart, N, R: tl.constexpr, S: tl.constexpr):
+def _load_couplings(
+    sub_ptr,
+    sup_ptr,
+    row,
+    pos,
+    rstart,
+    N,
+    C: tl.constexpr,
+    HAS_K: tl.constexpr,
+    SYM: tl.constexpr,
+    R: tl.constexpr,
+    S: tl.constexpr,
+):
     """Columns of k_j and of k_{j-1} (the latter's first column read from the previous row)."""
-    kk = _cols(_load_k(sub_ptr, sup_ptr, row, pos, N), R, S)
-    km = (_load_k(sub_ptr, sup_ptr, row, rstart - 1, N),)
+    kk = _cols(_load_k(sub_ptr, sup_ptr, row, pos, N, C, HAS_K, SYM), R, S)
+    km = (_load_k(sub_ptr, sup_ptr, row, rstart - 1, N, C, HAS_K, SYM),)
     for j in tl.static_range(S - 1):
         km = km + (kk[j],)
     return kk, km
@@ -407,15 +503,21 @@ def _fwd_kernel(
     sub_ptr,
     sup_ptr,
     z_ptr,
+    zi_ptr,
     zr,
     zi,
     zsb,
+    zsc,
     zsn,
+    dshift,
     out_ptr,
     summ_ptr,
     carry_ptr,
     N,
     NCA,
+    C: tl.constexpr,
+    HAS_K: tl.constexpr,
+    SYM: tl.constexpr,
     CAUSAL: tl.constexpr,
     Z_TENSOR: tl.constexpr,
     SUMMARY: tl.constexpr,
@@ -424,14 +526,14 @@ def _fwd_kernel(
     S: tl.constexpr,
 ):
     R: tl.constexpr = BLOCK // S
-    c = tl.program_id(0)
-    row = tl.program_id(1).to(tl.int64)
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
     rr = tl.arange(0, R)
     rstart = c * BLOCK + rr * S
     pos = rstart[:, None] + tl.arange(0, S)[None, :]
 
-    ar, ai = _load_alpha(diag_ptr, z_ptr, zr, zi, zsb, zsn, row, pos, N, Z_TENSOR, R, S)
-    kk, km = _load_couplings(sub_ptr, sup_ptr, row, pos, rstart, N, R, S)
+    ar, ai = _load_alpha(diag_ptr, z_ptr, zi_ptr, zr, zi, zsb, zsc, zsn, dshift, row, pos, N, C, Z_TENSOR, R, S)
+    kk, km = _load_couplings(sub_ptr, sup_ptr, row, pos, rstart, N, C, HAS_K, SYM, R, S)
 
     if SUMMARY:
         # The chunk's products: M_end ... M_start (last row of the scan), N_start ... N_end (first).
@@ -466,7 +568,7 @@ def _fwd_kernel(
                 xr, xi = _crecip(dr[j] + er[j] - ar[j], di[j] + ei[j] - ai[j])
                 gr = gr + (xr,)
                 gi = gi + (xi,)
-        _store_complex(out_ptr, row, N, rstart, gr, gi, R, S)
+        _store_complex(out_ptr, row, N, rstart, pos, gr, gi, C, R, S)
 
 
 # --------------------------------------------------------------------------------------------
@@ -572,10 +674,13 @@ def _bwd_kernel(
     sub_ptr,
     sup_ptr,
     z_ptr,
+    zi_ptr,
     zr,
     zi,
     zsb,
+    zsc,
     zsn,
+    dshift,
     grad_ptr,
     fcarry_ptr,
     asum_ptr,
@@ -586,6 +691,9 @@ def _bwd_kernel(
     galpha_ptr,
     N,
     NCA,
+    C: tl.constexpr,
+    HAS_K: tl.constexpr,
+    SYM: tl.constexpr,
     CAUSAL: tl.constexpr,
     Z_TENSOR: tl.constexpr,
     SUMMARY: tl.constexpr,
@@ -595,19 +703,16 @@ def _bwd_kernel(
     S: tl.constexpr,
 ):
     R: tl.constexpr = BLOCK // S
-    c = tl.program_id(0)
-    row = tl.program_id(1).to(tl.int64)
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
     rr = tl.arange(0, R)
     rstart = c * BLOCK + rr * S
     pos = rstart[:, None] + tl.arange(0, S)[None, :]
     valid = pos < N
 
-    ar, ai = _load_alpha(diag_ptr, z_ptr, zr, zi, zsb, zsn, row, pos, N, Z_TENSOR, R, S)
-    kk, km = _load_couplings(sub_ptr, sup_ptr, row, pos, rstart, N, R, S)
-    p2 = rstart[:, None] * 2 + tl.arange(0, 2 * S)[None, :]
-    gre, gim = tl.split(tl.reshape(tl.load(grad_ptr + row * N * 2 + p2, mask=p2 < 2 * N, other=0.0), [R, S, 2]))
-    gre = _cols(gre, R, S)
-    gim = _cols(gim, R, S)
+    ar, ai = _load_alpha(diag_ptr, z_ptr, zi_ptr, zr, zi, zsb, zsc, zsn, dshift, row, pos, N, C, Z_TENSOR, R, S)
+    kk, km = _load_couplings(sub_ptr, sup_ptr, row, pos, rstart, N, C, HAS_K, SYM, R, S)
+    gre, gim = _load_complex(grad_ptr, row, N, rstart, pos, C, R, S)
 
     one = tl.sum(rr * 0, axis=0).to(tl.float32) + 1.0
     zero = one * 0.0
@@ -743,20 +848,29 @@ def _bwd_kernel(
                 lai = (uni + Vi[S - 1 - t] - lsi[S - 1 - t],) + lai
             lkr = (lk,) + lkr
         # gradients w.r.t. the real inputs: Re(conj(lam)) = Re(lam)
-        off = row * N + pos
-        tl.store(gdiag_ptr + off, _tile(lar, R, S).to(gdiag_ptr.dtype.element_ty), mask=valid)
-        kmask = pos < N - 1
-        koff = row * (N - 1) + pos
-        lk = _tile(lkr, R, S)
-        cvals = tl.load(sub_ptr + koff, mask=kmask, other=0.0).to(tl.float32)
-        bvals = tl.load(sup_ptr + koff, mask=kmask, other=0.0).to(tl.float32)
-        tl.store(gsub_ptr + koff, (lk * bvals).to(gsub_ptr.dtype.element_ty), mask=kmask)
-        tl.store(gsup_ptr + koff, (lk * cvals).to(gsup_ptr.dtype.element_ty), mask=kmask)
-        if Z_GRAD:
+        tl.store(gdiag_ptr + _offsets(row, pos, N, C), _tile(lar, R, S).to(gdiag_ptr.dtype.element_ty), mask=valid)
+        if HAS_K:
+            kmask = pos < N - 1
+            koff = _offsets(row, pos, N - 1, C)
+            lk = _tile(lkr, R, S)
+            cvals = tl.load(sub_ptr + koff, mask=kmask, other=0.0).to(tl.float32)
+            if SYM:  # k = b^2: dk/db = 2 b
+                tl.store(gsub_ptr + koff, (2.0 * lk * cvals).to(gsub_ptr.dtype.element_ty), mask=kmask)
+            else:
+                bvals = tl.load(sup_ptr + koff, mask=kmask, other=0.0).to(tl.float32)
+                tl.store(gsub_ptr + koff, (lk * bvals).to(gsub_ptr.dtype.element_ty), mask=kmask)
+                tl.store(gsup_ptr + koff, (lk * cvals).to(gsup_ptr.dtype.element_ty), mask=kmask)
+        if Z_GRAD == 1:  # grad_alpha per position, complex (C = 1 layout)
             nlai = ()
             for j in tl.static_range(S):
                 nlai = nlai + (-lai[j],)
-            _store_complex(galpha_ptr, row, N, rstart, lar, nlai, R, S)
+            _store_complex(galpha_ptr, row, N, rstart, pos, lar, nlai, C, R, S)
+        if Z_GRAD == 2:  # this program's sums of grad_z = -grad_alpha: (Re, Im) at (row, chunk)
+            zre_sum = -tl.sum(tl.sum(tl.where(valid, _tile(lar, R, S), 0.0), axis=1), axis=0)
+            zim_sum = tl.sum(tl.sum(tl.where(valid, _tile(lai, R, S), 0.0), axis=1), axis=0)
+            zbase = galpha_ptr + (row * tl.num_programs(1) + c) * 2
+            tl.store(zbase, zre_sum)
+            tl.store(zbase + 1, zim_sum)
 
 
 # --------------------------------------------------------------------------------------------
@@ -771,7 +885,7 @@ def plan(n: int, backward: bool = False) -> tuple:
     cfg = CONFIG
     s = cfg["rows_bwd" if backward else "rows_fwd"]
     if n <= cfg["single_max"]:
-        block = max(s * 32, _next_pow2(n))
+        block = max(s * cfg["min_rows"], _next_pow2(n))
     else:
         block = cfg["chunk"]
         if block < cfg["min_chunk"] or block & (block - 1) or block < 2 * s:
@@ -786,13 +900,23 @@ def carry_slots(n: int) -> int:
 
 
 def _z_args(z, b: int, n: int, device):
-    """(z_tensor_or_dummy, zr, zi, zsb, zsn, Z_TENSOR) for a Python complex or a complex tensor."""
+    """(re_ptr, im_ptr, zr, zi, zsb, zsc, zsn, Z_TENSOR) for a Python complex or a complex tensor
+    broadcastable to (B, N) (one chain per row, C = 1)."""
     if isinstance(z, torch.Tensor):
-        zc = z.to(device=device, dtype=torch.complex64).expand(b, n)
-        zv = torch.view_as_real(zc)
-        return zv, 0.0, 0.0, zv.stride(0), zv.stride(1), True
+        zv = torch.view_as_real(z.to(device=device, dtype=torch.complex64).expand(b, n))
+        return zv[..., 0], zv[..., 1], 0.0, 0.0, zv.stride(0), 0, zv.stride(1), True
     z = complex(z)
-    return None, float(z.real), float(z.imag), 0, 0, False
+    return None, None, float(z.real), float(z.imag), 0, 0, 0, False
+
+
+def _channel_z_args(z_re, z_im, device):
+    """The same for one z per channel: real (C,) tensors z_re, z_im, or two Python floats."""
+    if isinstance(z_re, torch.Tensor):
+        zr, zi = z_re.to(device, torch.float32), z_im.to(device, torch.float32)
+        if zr.stride(0) != zi.stride(0):
+            zr, zi = zr.contiguous(), zi.contiguous()
+        return zr, zi, 0.0, 0.0, 0, zr.stride(0), 0, True
+    return None, None, float(z_re), float(z_im), 0, 0, 0, False
 
 
 def _contig(x: torch.Tensor) -> torch.Tensor:
@@ -803,39 +927,44 @@ def _launch(kernel, grid, args, consts, num_warps):
     kernel[grid](*args, **consts, num_warps=num_warps)
 
 
-def forward(diag: torch.Tensor, sub: torch.Tensor, sup: torch.Tensor, z, causal: bool):
-    """g (causal) or G (bidirectional), complex64 (B, N), and the saved per-chunk incoming states.
+class Layout(NamedTuple):
+    """rows = B * channels chains of length n in (B, n, channels) arrays; dshift added to the
+    diagonal; couplings: has_k (else k = 1) and sym (one array b, k = b^2; else k = sub * sup)."""
 
-    Args as ``green_diagonal`` (real float32/bfloat16/float16 diag (B, N), sub/sup (B, N-1);
-    z a Python complex or a complex tensor broadcastable to (B, N)).
-    Returns (out, carries) with carries float32 (B, carry_slots(N), 8).
-    """
-    b, n = diag.shape
-    diag, sub, sup = _contig(diag), _contig(sub), _contig(sup)
-    if n == 1:  # no couplings: point sub/sup at valid memory, every load of them is masked anyway
-        sub = sup = diag
-    zt, zr, zi, zsb, zsn, z_tensor = _z_args(z, b, n, diag.device)
+    rows: int
+    n: int
+    channels: int
+    dshift: float
+    has_k: bool
+    sym: bool
+
+
+def _run_forward(diag, sub, sup, out, lay: Layout, zargs, causal):
+    """Launch the forward; write out (float32 (B, n, 2 * channels)) and return the saved incoming
+    states (rows, carry_slots(n), 8)."""
+    rows, n = lay.rows, lay.n
+    zp, zip_, zr, zi, zsb, zsc, zsn, z_tensor = zargs
+    if not z_tensor:  # valid pointers that are never read
+        zp = zip_ = out
     block, nc, warps, s = plan(n)
     nca = carry_slots(n)
-    dev = diag.device
-    out = torch.empty((b, n), dtype=torch.complex64, device=dev)
-    ov = torch.view_as_real(out)
-    carries = torch.empty((b, nca, 8), dtype=torch.float32, device=dev)
-    zp = zt if z_tensor else ov
-    grid = (nc, b)
+    carries = torch.empty((rows, nca, 8), dtype=torch.float32, device=out.device)
+    grid = (rows, nc)
+    layout = dict(C=lay.channels, HAS_K=lay.has_k, SYM=lay.sym, CAUSAL=causal, Z_TENSOR=z_tensor, BLOCK=block, S=s)
+    dshift = lay.dshift
     if nc > 1:
-        summ = torch.empty((b, nca, 16), dtype=torch.float32, device=dev)
+        summ = torch.empty((rows, nca, 16), dtype=torch.float32, device=out.device)
         _launch(
             _fwd_kernel,
             grid,
-            (diag, sub, sup, zp, zr, zi, zsb, zsn, ov, summ, carries, n, nca),
-            dict(CAUSAL=causal, Z_TENSOR=z_tensor, SUMMARY=True, HAS_CARRY=True, BLOCK=block, S=s),
+            (diag, sub, sup, zp, zip_, zr, zi, zsb, zsc, zsn, dshift, out, summ, carries, n, nca),
+            dict(layout, SUMMARY=True, HAS_CARRY=True),
             warps,
         )
         cb = min(CONFIG["carry_block"], max(16, _next_pow2(nc)))
         _launch(
             _carry_kernel,
-            (b, 1 if causal else 2),
+            (rows, 1 if causal else 2),
             (summ, carries, nc, nca),
             dict(
                 MOBIUS=True, HAS_FWD=True, FWD_SOFF=0, FWD_COFF=0, REV_SOFF=8, REV_COFF=4, SSTRIDE=16, CSTRIDE=8, CB=cb
@@ -847,10 +976,89 @@ def forward(diag: torch.Tensor, sub: torch.Tensor, sup: torch.Tensor, z, causal:
     _launch(
         _fwd_kernel,
         grid,
-        (diag, sub, sup, zp, zr, zi, zsb, zsn, ov, summ, carries, n, nca),
-        dict(CAUSAL=causal, Z_TENSOR=z_tensor, SUMMARY=False, HAS_CARRY=nc > 1, BLOCK=block, S=s),
+        (diag, sub, sup, zp, zip_, zr, zi, zsb, zsc, zsn, dshift, out, summ, carries, n, nca),
+        dict(layout, SUMMARY=False, HAS_CARRY=nc > 1),
         warps,
     )
+    return carries
+
+
+def _run_backward(grad, diag, sub, sup, carries, grads, lay: Layout, zargs, causal, z_grad: int):
+    """Launch the backward; write grads = (g_diag, g_sub, g_sup, g_z) (z_grad 1: per-position
+    complex grad_alpha in g_z; 2: per-(row, chunk) sums of grad_z; 0: nothing)."""
+    rows, n = lay.rows, lay.n
+    g_diag, g_sub, g_sup, g_z = grads
+    zp, zip_, zr, zi, zsb, zsc, zsn, z_tensor = zargs
+    if not z_tensor:
+        zp = zip_ = grad
+    block, nc, warps, s = plan(n, backward=True)
+    if plan(n)[1] != nc:
+        raise ValueError("bk_triton: forward and backward must cut rows into the same chunks")
+    nca = carry_slots(n)
+    grid = (rows, nc)
+    layout = dict(C=lay.channels, HAS_K=lay.has_k, SYM=lay.sym, CAUSAL=causal, Z_TENSOR=z_tensor, BLOCK=block, S=s)
+    layout.update(Z_GRAD=z_grad)
+    dshift = lay.dshift
+    if nc > 1:
+        asum = torch.empty((rows, nca, 8), dtype=torch.float32, device=grad.device)
+        bcar = torch.empty((rows, nca, 4), dtype=torch.float32, device=grad.device)
+        _launch(
+            _bwd_kernel,
+            grid,
+            (diag, sub, sup, zp, zip_, zr, zi, zsb, zsc, zsn, dshift, grad, carries, asum, bcar)
+            + (g_diag, g_sub, g_sup, g_z, n, nca),
+            dict(layout, SUMMARY=True, HAS_CARRY=True),
+            warps,
+        )
+        cb = min(CONFIG["carry_block"], max(16, _next_pow2(nc)))
+        # u (right to left) at offset 0, V (left to right) at offset 4 of the summaries.
+        _launch(
+            _carry_kernel,
+            (rows, 1 if causal else 2),
+            (asum, bcar, nc, nca),
+            dict(
+                MOBIUS=False,
+                HAS_FWD=not causal,
+                FWD_SOFF=4,
+                FWD_COFF=2,
+                REV_SOFF=0,
+                REV_COFF=0,
+                SSTRIDE=8,
+                CSTRIDE=4,
+                CB=cb,
+            ),
+            4,
+        )
+    else:
+        asum = bcar = carries
+    _launch(
+        _bwd_kernel,
+        grid,
+        (diag, sub, sup, zp, zip_, zr, zi, zsb, zsc, zsn, dshift, grad, carries, asum, bcar)
+        + (g_diag, g_sub, g_sup, g_z, n, nca),
+        dict(layout, SUMMARY=False, HAS_CARRY=nc > 1),
+        warps,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points: one chain per row (B, N), and C chains per sequence (B, N, C)
+# --------------------------------------------------------------------------------------------
+def forward(diag: torch.Tensor, sub: torch.Tensor, sup: torch.Tensor, z, causal: bool):
+    """g (causal) or G (bidirectional), complex64 (B, N), and the saved per-chunk incoming states.
+
+    Args as ``green_diagonal`` (real float32/bfloat16/float16 diag (B, N), sub/sup (B, N-1);
+    z a Python complex or a complex tensor broadcastable to (B, N)).
+    Returns (out, carries) with carries float32 (B, carry_slots(N), 8).
+    """
+    b, n = diag.shape
+    diag, sub, sup = _contig(diag), _contig(sub), _contig(sup)
+    if n == 1:  # no couplings: point sub/sup at valid memory, every load of them is masked anyway
+        sub = sup = diag
+    out = torch.empty((b, n), dtype=torch.complex64, device=diag.device)
+    zargs = _z_args(z, b, n, diag.device)
+    lay = Layout(rows=b, n=n, channels=1, dshift=0.0, has_k=True, sym=False)
+    carries = _run_forward(diag, sub, sup, torch.view_as_real(out), lay, zargs, causal)
     return out, carries
 
 
@@ -875,56 +1083,76 @@ def backward(
     diag, sub, sup = _contig(diag), _contig(sub), _contig(sup)
     if n == 1:
         sub = sup = diag
-    zt, zr, zi, zsb, zsn, z_tensor = _z_args(z, b, n, diag.device)
     grad = torch.view_as_real(_contig(grad.to(torch.complex64).resolve_conj()))
-    block, nc, warps, s = plan(n, backward=True)
-    if plan(n)[1] != nc:
-        raise ValueError("bk_triton: forward and backward must cut rows into the same chunks")
-    nca = carry_slots(n)
     dev = diag.device
     g_diag = torch.empty((b, n), dtype=diag.dtype, device=dev)
     g_sub = torch.empty((b, max(n - 1, 1)), dtype=sub_dtype, device=dev)
     g_sup = torch.empty((b, max(n - 1, 1)), dtype=sup_dtype, device=dev)
     g_alpha = torch.empty((b, n), dtype=torch.complex64, device=dev) if z_grad else None
     gav = torch.view_as_real(g_alpha) if z_grad else g_diag
-    zp = zt if z_tensor else grad
-    grid = (nc, b)
-    if nc > 1:
-        asum = torch.empty((b, nca, 8), dtype=torch.float32, device=dev)
-        bcar = torch.empty((b, nca, 4), dtype=torch.float32, device=dev)
-        _launch(
-            _bwd_kernel,
-            grid,
-            (diag, sub, sup, zp, zr, zi, zsb, zsn, grad, carries, asum, bcar, g_diag, g_sub, g_sup, gav, n, nca),
-            dict(CAUSAL=causal, Z_TENSOR=z_tensor, SUMMARY=True, HAS_CARRY=True, Z_GRAD=z_grad, BLOCK=block, S=s),
-            warps,
-        )
-        cb = min(CONFIG["carry_block"], max(16, _next_pow2(nc)))
-        # u (right to left) at offset 0, V (left to right) at offset 4 of the summaries.
-        _launch(
-            _carry_kernel,
-            (b, 1 if causal else 2),
-            (asum, bcar, nc, nca),
-            dict(
-                MOBIUS=False,
-                HAS_FWD=not causal,
-                FWD_SOFF=4,
-                FWD_COFF=2,
-                REV_SOFF=0,
-                REV_COFF=0,
-                SSTRIDE=8,
-                CSTRIDE=4,
-                CB=cb,
-            ),
-            4,
-        )
-    else:
-        asum = bcar = carries
-    _launch(
-        _bwd_kernel,
-        grid,
-        (diag, sub, sup, zp, zr, zi, zsb, zsn, grad, carries, asum, bcar, g_diag, g_sub, g_sup, gav, n, nca),
-        dict(CAUSAL=causal, Z_TENSOR=z_tensor, SUMMARY=False, HAS_CARRY=nc > 1, Z_GRAD=z_grad, BLOCK=block, S=s),
-        warps,
-    )
+    zargs = _z_args(z, b, n, dev)
+    lay = Layout(rows=b, n=n, channels=1, dshift=0.0, has_k=True, sym=False)
+    _run_backward(grad, diag, sub, sup, carries, (g_diag, g_sub, g_sup, gav), lay, zargs, causal, 1 if z_grad else 0)
     return g_diag, g_sub[:, : n - 1], g_sup[:, : n - 1], g_alpha
+
+
+def features_forward(v: torch.Tensor, couplings, z_re, z_im, causal: bool, dshift: float = -2.0):
+    """The resolvent features of C chains per sequence, read and written in the model's layouts.
+
+    Chain c of sequence b is H = tridiag(b_c, dshift + v[b, :, c], b_c) with shift z_c.
+
+    Args:
+        v: (B, N, C) real potentials, float32/bfloat16/float16 (made contiguous if it is not).
+        couplings: (B, N-1, C) real b_i joining positions i and i+1 (sub = sup = b, k = b^2), or
+            None for b = 1 (nothing is read).
+        z_re, z_im: (C,) real tensors, or Python floats for one z of every channel.
+        causal: g_i (positions 0..i) or the bidirectional G_ii.
+        dshift: constant added to the diagonal (-2: the Laplacian's).
+    Returns:
+        (features, carries): features float32 (B, N, 2C), [Re g_c, Im g_c] at each position;
+        carries float32 (B * C, carry_slots(N), 8), the saved chunk states for ``features_backward``.
+    """
+    b, n, c = v.shape
+    v = _contig(v)
+    k = _contig(couplings) if couplings is not None and n > 1 else v
+    out = torch.empty((b, n, 2 * c), dtype=torch.float32, device=v.device)
+    zargs = _channel_z_args(z_re, z_im, v.device)
+    lay = Layout(rows=b * c, n=n, channels=c, dshift=float(dshift), has_k=couplings is not None, sym=True)
+    carries = _run_forward(v, k, k, out, lay, zargs, causal)
+    return out, carries
+
+
+def features_backward(
+    grad: torch.Tensor,
+    v: torch.Tensor,
+    couplings,
+    z_re,
+    z_im,
+    carries: torch.Tensor,
+    causal: bool,
+    z_grad: bool,
+    dshift: float = -2.0,
+):
+    """Exact vector-Jacobian product of ``features_forward``.
+
+    Args: grad, the (B, N, 2C) gradient of the features; the rest as ``features_forward`` (carries
+    its second output); z_grad: also return the gradient of z (z_re, z_im must be tensors).
+    Returns (grad_v (B, N, C) v.dtype, grad_couplings (B, N-1, C) couplings.dtype or None,
+    grad_z float32 (C, 2) [d/d Re z_c, d/d Im z_c] summed over batch and positions, or None).
+    grad_z is summed in a fixed order (per-program sums, then a tensor sum): deterministic.
+    """
+    b, n, c = v.shape
+    v = _contig(v)
+    has_k = couplings is not None
+    k = _contig(couplings) if has_k and n > 1 else v
+    grad = _contig(grad.to(torch.float32))
+    dev = v.device
+    g_v = torch.empty((b, n, c), dtype=v.dtype, device=dev)
+    g_k = torch.empty((b, n - 1, c), dtype=couplings.dtype, device=dev) if has_k else None
+    nc = plan(n, backward=True)[1]
+    g_z = torch.empty((b * c, nc, 2), dtype=torch.float32, device=dev) if z_grad else None
+    zargs = _channel_z_args(z_re, z_im, dev)
+    grads = (g_v, g_k if (has_k and n > 1) else g_v, g_v, g_z if z_grad else g_v)  # unused ones: never written
+    lay = Layout(rows=b * c, n=n, channels=c, dshift=float(dshift), has_k=has_k, sym=True)
+    _run_backward(grad, v, k, k, carries, grads, lay, zargs, causal, 2 if z_grad else 0)
+    return g_v, g_k, (g_z.view(b, c, nc, 2).sum((0, 2)) if z_grad else None)

@@ -12,9 +12,12 @@ Because sub = sup = b, every k_i = b_i^2 >= 0 and Im z_c > 0 give |g| <= 1 / Im 
 section 2): nothing is clamped. The causal g_i depends on v and b up to position i only (b_{i-1}
 joins i-1 and i), so couplings computed from the tokens <= i+1 keep g_i causal.
 
-`resolvent_features` is the reference path: all B*C chains in ONE call of the BK-core, complex
-numbers only inside it: the specification that a fused kernel reading (B, N, C) directly must
-match, values and gradients.
+`resolvent_features` computes the features one of two ways. Where the BK-core resolves to its
+Triton kernels (CUDA, Triton installed, input not float64; `bk_core.resolve_method`), the fused
+path `resnet_bk.kernels.fused_resolvent.resolvent_features_fused` reads (B, N, C) and writes
+(B, N, 2C) directly, with no complex tensors or layout copies. Otherwise the reference path runs:
+all B*C chains in ONE call of the BK-core, complex numbers only inside it. The reference is the
+specification; tests compare the fused path against it, values and gradients.
 `ResolventConfig` holds the options every ResNet-BK model takes (the same names everywhere).
 """
 
@@ -27,7 +30,8 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 
-from resnet_bk.bk_core import green_diagonal, laplacian_couplings
+from resnet_bk.bk_core import green_diagonal, laplacian_couplings, resolve_method
+from resnet_bk.kernels.fused_resolvent import resolvent_features_fused
 
 Couplings = Literal["laplacian", "input"]
 Gate = Literal["none", "sigmoid", "silu"]
@@ -119,7 +123,8 @@ def resolvent_features(
     couplings: Optional[torch.Tensor] = None,
     causal: bool = True,
 ) -> torch.Tensor:
-    """The real features of C resolvent chains, reference path (one BK-core call for all chains).
+    """The real features of C resolvent chains: the fused kernels where the BK-core resolves to
+    "triton", else the reference path (one BK-core call for all chains).
 
     Args:
         v: (B, N, C) real potentials (any float dtype; the core runs in >= float32).
@@ -131,6 +136,20 @@ def resolvent_features(
         (B, N, 2C) real: [Re g_c, Im g_c] for c = 0..C-1 at each position; float32 (float64 for
         float64 input).
     """
+    if resolve_method("auto", v) == "triton":
+        z = z if isinstance(z, torch.Tensor) else complex(z)
+        return resolvent_features_fused(v, couplings, z.real, z.imag, causal)
+    return resolvent_features_reference(v, z, couplings, causal)
+
+
+def resolvent_features_reference(
+    v: torch.Tensor,
+    z: Union[complex, torch.Tensor],
+    couplings: Optional[torch.Tensor] = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    """`resolvent_features` through `green_diagonal`: (B, N, C) permuted to B*C rows, complex g,
+    back to (B, N, 2C) real. Arguments and result as `resolvent_features`."""
     b, n, c = v.shape
     dtype = torch.promote_types(v.dtype, torch.float32)
     rows = v.permute(0, 2, 1).reshape(b * c, n)  # row b*C + c is channel c of sequence b

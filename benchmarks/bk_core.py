@@ -351,12 +351,7 @@ def main():
         for causal in (True, False):
             for kind in ("laplacian", "random"):
                 meta["accuracy"].append(a := accuracy(b, n, causal, kind))
-                print(
-                    f"accuracy B={b} N={n} causal={causal} {kind}: triton max rel err out {a['triton_out_max']:.2e} "
-                    f"grads {a['triton_grad_diag_max']:.2e}/{a['triton_grad_sub_max']:.2e}/"
-                    f"{a['triton_grad_sup_max']:.2e} (fp32 scan: out {a['scan_fp32_out_max']:.2e} grad_diag "
-                    f"{a['scan_fp32_grad_diag_max']:.2e}) -> {'PASS' if a['pass'] else 'FAIL'} (tol {a['tolerance']:g})"
-                )
+                print("accuracy", accuracy_row(a))
     meta["kernel_breakdown_us"] = {}
     for b, n in [(8, 4096)] if args.quick else [(8, 4096), (8, 65536), (1, 2**20)]:
         meta["kernel_breakdown_us"][f"B={b} N={n}"] = ks = kernel_breakdown(b, n)
@@ -389,6 +384,22 @@ def _ms(r):
     return r["graph_ms"] if r["graph_ms"] is not None else r["ms"]
 
 
+def _cell(r):
+    """ "eager / graph" ms of a record, "-" without one."""
+    if r is None:
+        return "-"
+    return f"{r['ms']:.4f} / {r['graph_ms']:.4f}" if r["graph_ms"] else f"{r['ms']:.3f} / -"
+
+
+# The timed columns of the markdown tables: (impl, causal, dtype).
+TABLE_COLUMNS = (
+    ("triton", True, "fp32"),
+    ("triton", False, "fp32"),
+    ("torch_scan", True, "fp32"),
+    ("sdpa_flash", True, "bf16"),
+)
+
+
 def write_markdown(records, meta, path):
     info, peak = meta["info"], meta["peak_bytes_per_s"]
     lines = [
@@ -410,21 +421,15 @@ def write_markdown(records, meta, path):
         ]
         shapes = sorted({(r["B"], r["N"]) for r in records if r["mode"] == mode}, key=lambda s: (-s[0], s[1]))
         for b, n in shapes:
-            cells = []
-            for impl, causal, dtype in (
-                ("triton", True, "fp32"),
-                ("triton", False, "fp32"),
-                ("torch_scan", True, "fp32"),
-                ("sdpa_flash", True, "bf16"),
-            ):
-                r = _get(records, impl=impl, mode=mode, B=b, N=n, causal=causal, dtype=dtype)
-                g = r and r["graph_ms"]
-                cells.append(("-" if r is None else f"{r['ms']:.4f} / {g:.4f}" if g else f"{r['ms']:.3f} / -", r))
+            tc, tb, sc, fa = (
+                _get(records, impl=impl, mode=mode, B=b, N=n, causal=causal, dtype=dtype)
+                for impl, causal, dtype in TABLE_COLUMNS
+            )
             floor = _get(records, impl="floor", mode=mode, B=b, N=n)["ms"]
-            tc, fa = cells[0][1], cells[3][1]
             ratio_fa = f"{_ms(fa) / _ms(tc):.1f}x" if fa and tc else "-"
             ratio_fl = f"{_ms(tc) / floor:.1f}x" if tc else "-"
-            lines.append(f"| {b} | {n} | {' | '.join(c for c, _ in cells)} | {floor:.5f} | {ratio_fa} | {ratio_fl} |")
+            cells = " | ".join(_cell(r) for r in (tc, tb, sc, fa))
+            lines.append(f"| {b} | {n} | {cells} | {floor:.5f} | {ratio_fa} | {ratio_fl} |")
         lines.append("")
     bf = [r for r in records if r["impl"] == "triton" and r["dtype"] == "bf16"]
     if bf:
@@ -442,15 +447,19 @@ def write_markdown(records, meta, path):
         "| B | N | causal | inputs | triton out | triton grad diag / sub / sup | fp32 scan out / grad diag | tol | |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for a in meta["accuracy"]:
-        lines.append(
-            f"| {a['B']} | {a['N']} | {a['causal']} | {a['inputs']} | {a['triton_out_max']:.1e} | "
-            f"{a['triton_grad_diag_max']:.1e} / {a['triton_grad_sub_max']:.1e} / {a['triton_grad_sup_max']:.1e} | "
-            f"{a['scan_fp32_out_max']:.1e} / {a['scan_fp32_grad_diag_max']:.1e} | {a['tolerance']:g} | "
-            f"{'pass' if a['pass'] else 'FAIL'} |"
-        )
+    lines += [accuracy_row(a) for a in meta["accuracy"]]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def accuracy_row(a):
+    """One accuracy record as a row of the markdown table."""
+    return (
+        f"| {a['B']} | {a['N']} | {a['causal']} | {a['inputs']} | {a['triton_out_max']:.1e} | "
+        f"{a['triton_grad_diag_max']:.1e} / {a['triton_grad_sub_max']:.1e} / {a['triton_grad_sup_max']:.1e} | "
+        f"{a['scan_fp32_out_max']:.1e} / {a['scan_fp32_grad_diag_max']:.1e} | {a['tolerance']:g} | "
+        f"{'pass' if a['pass'] else 'FAIL'} |"
+    )
 
 
 def plot(records, path, info):

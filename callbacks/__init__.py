@@ -9,7 +9,6 @@ from callbacks.first_screen import ModelSummaryWithoutFlops, RichStepProgressBar
 from callbacks.flops import FlopsPerToken
 from callbacks.sparsity_temperature import SparsityTemperature
 from callbacks.throughput import Throughput
-from callbacks.tokens_per_second import TokensPerSecond
 
 __all__ = [
     "ActiveLearning",
@@ -21,5 +20,4 @@ __all__ = [
     "SparsityTemperature",
     "TQDMStepProgressBar",
     "Throughput",
-    "TokensPerSecond",
 ]

@@ -42,6 +42,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -273,7 +274,8 @@ def run_one(job: dict) -> dict | None:
     trainer, module, datamodule = cli.trainer, cli.model, cli.datamodule
     throughput = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)  # a config may have one
     if throughput is None:
-        trainer.callbacks.append(throughput := Throughput(warmup_steps=job["warmup_steps"]))
+        trainer.callbacks.append(throughput := Throughput())
+    throughput.warmup_steps = job["warmup_steps"]  # the spec's, also over a config's own
     trainer.callbacks.append(curve := ValCurve(throughput))
     device = trainer.strategy.root_device
     start = time.perf_counter()
@@ -345,13 +347,12 @@ def _collect(proc: subprocess.Popen, path: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------- the spec
-def environment(spec: dict, smoke: bool) -> dict:
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=False
-    ).stdout.strip()
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+
+
+def environment(spec: dict, smoke: bool, commit: str | None = None) -> dict:
+    """Where and from what the spec runs; `commit` (stated by the caller) overrides the checkout's git HEAD."""
     cuda = torch.cuda.is_available() and not smoke
     return {
         "spec": spec["name"],
@@ -359,7 +360,8 @@ def environment(spec: dict, smoke: bool) -> dict:
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})",
         "torch": torch.__version__,
         "lightning": L.__version__,
-        "git_commit": commit + ("-dirty" if dirty else ""),
+        "git_commit": commit or _git("rev-parse", "HEAD") + ("-dirty" if _git("status", "--porcelain") else ""),
+        "git_commit_from": "--commit" if commit else "git",
         "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
         "smoke": smoke,
         "budget": spec.get("budget", {}),
@@ -367,13 +369,14 @@ def environment(spec: dict, smoke: bool) -> dict:
     }
 
 
-def run_spec(path: str | Path, smoke: bool = False, out: str | Path | None = None, only=None) -> dict:
-    """Run every job of the spec (or those of the runs named in `only`) and write the report after each."""
+def run_spec(path: str | Path, smoke: bool = False, out: str | Path | None = None, only=None, commit=None) -> dict:
+    """Run every job of the spec (or those of the runs named in `only`) and write the report after each;
+    `commit`: the git commit to record (default: the checkout's HEAD, "-dirty" with uncommitted changes)."""
     spec = load_spec(path)
     out = Path(out or (ROOT / "runs" / "bench_smoke" if smoke else ROOT / "benchmarks" / "results"))
     runs_root = (out / "runs" if smoke else ROOT / "runs" / "bench") / spec["name"]
     todo = [j for j in jobs(spec, smoke, runs_root) if not only or j["name"] in only]
-    report = {**environment(spec, smoke), "records": []}
+    report = {**environment(spec, smoke, commit), "records": []}
     if "seconds" in spec.get("budget", {}):
         report["budget_s"] = float(spec["budget"]["seconds"])
     out.mkdir(parents=True, exist_ok=True)
@@ -464,7 +467,9 @@ def markdown(report: dict, spec: dict) -> str:
         )
         + f"Made by `python -m benchmarks.run benchmarks/specs/{spec['name']}.yaml{' --smoke' * report['smoke']}` "
         f"on {report['device']}, "
-        f"torch {report['torch']}, commit {report['git_commit']}. Budget: {report['budget'] or 'as configured'}. "
+        f"torch {report['torch']}, commit {report['git_commit']} "
+        f"({'stated by --commit' if report['git_commit_from'] == '--commit' else 'git HEAD of the checkout'}). "
+        f"Budget: {report['budget'] or 'as configured'}. "
         "Val/test ppl: token-weighted over the whole split after training; tokens/s: wall-clock (CUDA events on a GPU), "
         "warm-up excluded; FLOPs: executed matrix products per token without the LM head "
         "(torch.utils.flop_counter). Several seeds: mean ± sd.",
@@ -573,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--only", nargs="+", help="run only these run names")
     p.add_argument("--check", action="store_true", help="build every run (configs + overrides), train nothing")
+    p.add_argument("--commit", help="the git commit to record (SHA), e.g. where the checkout's .git is not the code's")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # a job file: run it, write <job>.result.json
     args = p.parse_args(argv)
     if args.worker:
@@ -583,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.spec:
         p.error("give a spec, e.g. benchmarks/specs/lm_compare.yaml")
+    if args.commit is not None and not re.fullmatch(r"[0-9a-f]{7,40}", args.commit):
+        p.error(f"--commit {args.commit!r} is not a commit SHA; pass the hex of `git rev-parse HEAD`")
     try:
         if args.check:
             spec = load_spec(args.spec)
@@ -590,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
                 build(job["args"])
                 print(f"ok  {job['label']}: {job['command']}")
             return 0
-        report = run_spec(args.spec, smoke=args.smoke, out=args.out, only=args.only)
+        report = run_spec(args.spec, smoke=args.smoke, out=args.out, only=args.only, commit=args.commit)
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

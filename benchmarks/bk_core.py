@@ -40,6 +40,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from resnet_bk.bk_core import green_diagonal
@@ -50,9 +51,7 @@ L2_BYTES = 50 * 2**20
 GRAPH_BELOW_MS = 50.0  # eager calls this slow are not captured in a CUDA graph
 
 
-# --------------------------------------------------------------------------------------------
-# Timing
-# --------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------ timing
 def event_ms(fn, inner: int = 1) -> float:
     """GPU-clock ms per call of `inner` back-to-back calls of fn, between two CUDA events."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -114,9 +113,7 @@ def measure_bandwidth():
     return 2 * x.numel() * x.element_size() / (ms / 1e3)
 
 
-# --------------------------------------------------------------------------------------------
-# Workloads
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------- workloads
 def model_inputs(b, n, dtype=torch.float32, seed=0, grad=True):
     """The ResNet-BK layer's core input: H0 (Laplacian) + v with v ~ N(0, 1), z = i; and an output gradient."""
     g = torch.Generator(device=DEV).manual_seed(seed)
@@ -176,9 +173,7 @@ def floor_bytes(b, n, mode, in_bytes=4):
     return fwd if mode == "fwd" else fwd + bwd
 
 
-# --------------------------------------------------------------------------------------------
-# Accuracy
-# --------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------- accuracy
 def accuracy(b, n, causal, kind, seed=0):
     """Values and gradients of the float32 kernels (and the float32 PyTorch scan) vs the float64 scan."""
     g = torch.Generator(device=DEV).manual_seed(1000 + seed)
@@ -214,9 +209,7 @@ def accuracy(b, n, causal, kind, seed=0):
     return rec
 
 
-# --------------------------------------------------------------------------------------------
-# Profiles
-# --------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------- profiles
 def kernel_breakdown(b, n, causal=True, iters=10):
     """GPU time per kernel for one eager fwd+bwd (torch.profiler), in microseconds."""
     from torch.profiler import ProfilerActivity, profile
@@ -269,30 +262,15 @@ def overhead(b=8, n=4096, reps=300):
         print(f"host {name:32s} {us:8.1f} us/call")
 
 
-# --------------------------------------------------------------------------------------------
-# The full run
-# --------------------------------------------------------------------------------------------
-def versions():
-    import triton
-
-    return {
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "device_name": torch.cuda.get_device_name(),
-        "python": platform.python_version(),
-    }
-
-
-def timings(shapes, info, peak, no_scan, save):
+# ------------------------------------------------------------------------------------ the full run
+def timings(shapes, info, peak, save):
     """One record per implementation, dtype, mode and causality at each (B, N); `save()` after each shape."""
     records = []
 
     def add(impl, dtype, mode, causal, b, n, ms, graph_ms, **extra):
-        records.append(
-            dict(impl=impl, device=info["device_name"], dtype=dtype, mode=mode, causal=causal, B=b, N=n, ms=ms,
-                 graph_ms=graph_ms, torch=info["torch"], triton=info["triton"], **extra)
-        )  # fmt: skip
+        what = {"impl": impl, "device": info["device_name"], "dtype": dtype, "mode": mode, "causal": causal}
+        times = {"B": b, "N": n, "ms": ms, "graph_ms": graph_ms, "torch": info["torch"], "triton": info["triton"]}
+        records.append({**what, **times, **extra})
         gs = f"{graph_ms:.4f}" if graph_ms is not None else "-"
         print(f"{impl:12s} {dtype:5s} {mode:8s} causal={causal!s:5s} B={b} N={n:8d} ms={ms:.4f} graph_ms={gs}")
 
@@ -306,7 +284,7 @@ def timings(shapes, info, peak, no_scan, save):
             if b == 8 and n in (4096, 65536):
                 fns = bk_callables("triton", b, n, True, mode, dtype=torch.bfloat16)
                 add("triton", "bf16", mode, True, b, n, *timed(fns, 50))
-            if not no_scan and (n <= 65536 or b == 1):
+            if n <= 65536 or b == 1:
                 for causal in (True, False) if n <= 4096 else (True,):
                     fns = bk_callables("scan", b, n, causal, mode)
                     add("torch_scan", "fp32", mode, causal, b, n, *timed(fns, 20, graph_reps=5, budget_s=3.0))
@@ -325,7 +303,6 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
     ap.add_argument("--overhead", action="store_true", help="host-side cost of an eager call (printed)")
-    ap.add_argument("--no-scan", action="store_true", help="skip the PyTorch scan timings")
     ap.add_argument("--render", action="store_true", help="only redraw bk_core.md/png from the JSON in --out")
     ap.add_argument("--config", default="", help="bk_triton.CONFIG overrides, e.g. chunk=1024,rows_bwd=4")
     args = ap.parse_args()
@@ -339,7 +316,13 @@ def main():
     assert torch.cuda.is_available(), "benchmarks/bk_core.py needs a CUDA device"
     sys.stdout.reconfigure(line_buffering=True)  # progress shows as it comes, also through a pipe
     bk_triton.CONFIG.update({k: int(v) for k, v in (kv.split("=") for kv in args.config.split(",") if kv)})
-    info = versions()
+    info = {
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "device_name": torch.cuda.get_device_name(),
+        "python": platform.python_version(),
+    }
     print(info, "config", bk_triton.CONFIG)
     if args.overhead:
         return overhead()
@@ -366,15 +349,13 @@ def main():
     shapes = [(8, 4096), (8, 65536), (1, 2**20)]
     if not args.quick:
         shapes = [(8, n) for n in (256, 1024, 4096, 16384, 65536)] + [(1, n) for n in (4096, 65536, 2**18, 2**20)]
-    records = timings(shapes, info, meta["peak_bytes_per_s"], args.no_scan, save)
+    records = timings(shapes, info, meta["peak_bytes_per_s"], save)
     write_markdown(records, meta, paths[".md"])
     plot(records, paths[".png"], info)
     print(open(paths[".md"]).read())
 
 
-# --------------------------------------------------------------------------------------------
-# Reports
-# --------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------- reports
 def _get(records, **kw):
     return next((r for r in records if all(r.get(k) == v for k, v in kw.items())), None)
 

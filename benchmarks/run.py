@@ -53,6 +53,7 @@ from typing import Any
 import lightning as L
 import torch
 import yaml
+from torch.utils.benchmark import Timer
 
 from callbacks import Throughput
 from callbacks.flops import flop_breakdown
@@ -238,24 +239,17 @@ class ValCurve(L.Callback):
             )
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def infer_tokens_per_s(module: L.LightningModule, x: torch.Tensor, context, reps: int) -> float:
-    """Eval-mode forward passes over x (B, N): tokens/s over `reps` passes after min(reps, 2) warm-up passes."""
-    for _ in range(min(reps, 2)):
+    """Eval-mode forward passes over x (B, N): tokens/s over `reps` passes, timed by torch.utils.benchmark.Timer
+    (2 warm-up passes first, the device synchronised at both ends, with all of torch's threads)."""
+
+    def forward():
         with context():
             module(x)
-    _sync(x.device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        with context():
-            module(x)
-    _sync(x.device)
-    return reps * x.numel() / (time.perf_counter() - start)
+
+    timer = Timer("forward()", globals={"forward": forward}, num_threads=torch.get_num_threads())
+    return x.numel() / timer.timeit(reps).mean
 
 
 def _windows(datamodule, n: int, device: torch.device) -> torch.Tensor:

@@ -4,6 +4,7 @@
     python -m benchmarks.run benchmarks/specs/lm_compare.yaml --smoke       # tiny CPU check into runs/bench_smoke/
     python -m benchmarks.run SPEC --only resnet_bk --out DIR                # some runs, elsewhere
     python -m benchmarks.run SPEC --check                                   # build every run, train nothing
+    python -m benchmarks.run SPEC --commit SHA                              # record SHA as the code's commit
 
 A spec (YAML, benchmarks/specs/) names runs; each run is `lightning fit --config C [--key value]...`
 built with resnet_bk.cli.build, so the LightningModule, data module, optimizer and schedule are
@@ -31,7 +32,8 @@ exactly those of the command line. Spec keys (only `runs` is required):
 Outputs in --out: <spec>.json (device, torch, git commit, command, and one record per run and seed),
 <spec>.md (the table, with the command that makes it) and the figures. They are rewritten after
 every run, so a cut-off run keeps what finished. Lightning's logs and checkpoints go to
-runs/bench/<spec>/<run>/ (TensorBoard).
+runs/bench/<spec>/<run>/ (TensorBoard). The git commit is the checkout's HEAD ("-dirty" with
+uncommitted changes), or the one --commit states (for a copy of the code whose .git is another commit).
 """
 
 from __future__ import annotations

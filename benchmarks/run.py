@@ -4,6 +4,7 @@
     python -m benchmarks.run benchmarks/specs/lm_compare.yaml --smoke       # tiny CPU check into runs/bench_smoke/
     python -m benchmarks.run SPEC --only resnet_bk --out DIR                # some runs, elsewhere
     python -m benchmarks.run SPEC --check                                   # build every run, train nothing
+    python -m benchmarks.run SPEC --commit SHA                              # record SHA as the code's commit
 
 A spec (YAML, benchmarks/specs/) names runs; each run is `lightning fit --config C [--key value]...`
 built with resnet_bk.cli.build, so the LightningModule, data module, optimizer and schedule are
@@ -32,7 +33,8 @@ exactly those of the command line. Spec keys (only `runs` is required):
 Outputs in --out: <spec>.json (device, torch, git commit, command, and one record per run and seed),
 <spec>.md (the table, with the command that makes it) and the figures. They are rewritten after
 every run, so a cut-off run keeps what finished. Lightning's logs and checkpoints go to
-runs/bench/<spec>/<run>/ (TensorBoard).
+runs/bench/<spec>/<run>/ (TensorBoard). The git commit is the checkout's HEAD ("-dirty" with
+uncommitted changes), or the one --commit states (for a copy of the code whose .git is another commit).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -54,6 +57,7 @@ from typing import Any
 import lightning as L
 import torch
 import yaml
+from torch.utils.benchmark import Timer
 
 from callbacks import Throughput
 from callbacks.flops import flop_breakdown
@@ -238,24 +242,17 @@ class ValCurve(L.Callback):
             )
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def infer_tokens_per_s(module: L.LightningModule, x: torch.Tensor, context, reps: int) -> float:
-    """Eval-mode forward passes over x (B, N): tokens/s over `reps` passes after min(reps, 2) warm-up passes."""
-    for _ in range(min(reps, 2)):
+    """Eval-mode forward passes over x (B, N): tokens/s over `reps` passes, timed by torch.utils.benchmark.Timer
+    (2 warm-up passes first, the device synchronised at both ends, with all of torch's threads)."""
+
+    def forward():
         with context():
             module(x)
-    _sync(x.device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        with context():
-            module(x)
-    _sync(x.device)
-    return reps * x.numel() / (time.perf_counter() - start)
+
+    timer = Timer("forward()", globals={"forward": forward}, num_threads=torch.get_num_threads())
+    return x.numel() / timer.timeit(reps).mean
 
 
 def _windows(datamodule, n: int, device: torch.device) -> torch.Tensor:
@@ -274,7 +271,8 @@ def run_one(job: dict) -> dict | None:
     trainer, module, datamodule = cli.trainer, cli.model, cli.datamodule
     throughput = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)  # a config may have one
     if throughput is None:
-        trainer.callbacks.append(throughput := Throughput(warmup_steps=job["warmup_steps"]))
+        trainer.callbacks.append(throughput := Throughput())
+    throughput.warmup_steps = job["warmup_steps"]  # the spec's, also over a config's own
     trainer.callbacks.append(curve := ValCurve(throughput))
     device = trainer.strategy.root_device
     start = time.perf_counter()
@@ -346,13 +344,12 @@ def _collect(proc: subprocess.Popen, path: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------- the spec
-def environment(spec: dict, smoke: bool) -> dict:
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=False
-    ).stdout.strip()
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+
+
+def environment(spec: dict, smoke: bool, commit: str | None = None) -> dict:
+    """Where and from what the spec runs; `commit` (stated by the caller) overrides the checkout's git HEAD."""
     cuda = torch.cuda.is_available() and not smoke
     return {
         "spec": spec["name"],
@@ -360,7 +357,8 @@ def environment(spec: dict, smoke: bool) -> dict:
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})",
         "torch": torch.__version__,
         "lightning": L.__version__,
-        "git_commit": commit + ("-dirty" if dirty else ""),
+        "git_commit": commit or _git("rev-parse", "HEAD") + ("-dirty" if _git("status", "--porcelain") else ""),
+        "git_commit_from": "--commit" if commit else "git",
         "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
         "smoke": smoke,
         "budget": spec.get("budget", {}),
@@ -368,13 +366,14 @@ def environment(spec: dict, smoke: bool) -> dict:
     }
 
 
-def run_spec(path: str | Path, smoke: bool = False, out: str | Path | None = None, only=None) -> dict:
-    """Run every job of the spec (or those of the runs named in `only`) and write the report after each."""
+def run_spec(path: str | Path, smoke: bool = False, out: str | Path | None = None, only=None, commit=None) -> dict:
+    """Run every job of the spec (or those of the runs named in `only`) and write the report after each;
+    `commit`: the git commit to record (default: the checkout's HEAD, "-dirty" with uncommitted changes)."""
     spec = load_spec(path)
     out = Path(out or (ROOT / "runs" / "bench_smoke" if smoke else ROOT / "benchmarks" / "results"))
     runs_root = (out / "runs" if smoke else ROOT / "runs" / "bench") / spec["name"]
     todo = [j for j in jobs(spec, smoke, runs_root) if not only or j["name"] in only]
-    report = {**environment(spec, smoke), "records": []}
+    report = {**environment(spec, smoke, commit), "records": []}
     if "seconds" in spec.get("budget", {}):
         report["budget_s"] = float(spec["budget"]["seconds"])
     out.mkdir(parents=True, exist_ok=True)
@@ -466,7 +465,9 @@ def markdown(report: dict, spec: dict) -> str:
         )
         + f"Made by `python -m benchmarks.run benchmarks/specs/{spec['name']}.yaml{' --smoke' * report['smoke']}` "
         f"on {report['device']}, "
-        f"torch {report['torch']}, commit {report['git_commit']}. Budget: {report['budget'] or 'as configured'}. "
+        f"torch {report['torch']}, commit {report['git_commit']} "
+        f"({'stated by --commit' if report['git_commit_from'] == '--commit' else 'git HEAD of the checkout'}). "
+        f"Budget: {report['budget'] or 'as configured'}. "
         "Val/test ppl: token-weighted over the whole split after training; tokens/s: wall-clock (CUDA events on a GPU), "
         "warm-up excluded; FLOPs: executed matrix products per token without the LM head "
         "(torch.utils.flop_counter). Several seeds: mean ± sd.",
@@ -575,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--only", nargs="+", help="run only these run names")
     p.add_argument("--check", action="store_true", help="build every run (configs + overrides), train nothing")
+    p.add_argument("--commit", help="the git commit to record (SHA), e.g. where the checkout's .git is not the code's")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # a job file: run it, write <job>.result.json
     args = p.parse_args(argv)
     if args.worker:
@@ -585,6 +587,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.spec:
         p.error("give a spec, e.g. benchmarks/specs/lm_compare.yaml")
+    if args.commit is not None and not re.fullmatch(r"[0-9a-f]{7,40}", args.commit):
+        p.error(f"--commit {args.commit!r} is not a commit SHA; pass the hex of `git rev-parse HEAD`")
     try:
         if args.check:
             spec = load_spec(args.spec)
@@ -592,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
                 build(job["args"])
                 print(f"ok  {job['label']}: {job['command']}")
             return 0
-        report = run_spec(args.spec, smoke=args.smoke, out=args.out, only=args.only)
+        report = run_spec(args.spec, smoke=args.smoke, out=args.out, only=args.only, commit=args.commit)
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

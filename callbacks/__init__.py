@@ -10,7 +10,6 @@ from callbacks.flops import FlopsPerToken
 from callbacks.sparsity_temperature import SparsityTemperature
 from callbacks.throughput import Throughput
 from callbacks.time_budget import TrainTimeBudget
-from callbacks.tokens_per_second import TokensPerSecond
 
 __all__ = [
     "ActiveLearning",
@@ -23,5 +22,4 @@ __all__ = [
     "TQDMStepProgressBar",
     "Throughput",
     "TrainTimeBudget",
-    "TokensPerSecond",
 ]

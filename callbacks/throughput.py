@@ -1,27 +1,34 @@
-"""Training throughput, step time, peak memory and GPU busy, measured without a host sync per step.
+"""Training and validation throughput, step time, peak memory and GPU busy, without a host sync per step.
 
     trainer:
       callbacks:
         - class_path: callbacks.Throughput
           init_args: {warmup_steps: 20}
+    lightning fit --config configs/resnet_bk.yaml --trainer.callbacks+=callbacks.Throughput
 
 Per training batch the callback records two timestamps: CUDA events on a GPU (recorded on the
 stream, read later), `time.perf_counter()` on a CPU (where the work is synchronous). A batch's
-interval starts at the previous batch's end when nothing ran in between (so data loading between
-steps counts), else at its own start (after validation, at an epoch's start). The events are
-read, which waits for the GPU once, only at logging steps (trainer.log_every_n_steps), before
+interval starts at the previous batch's end when nothing ran in between (so data loading and the
+optimizer step count), else at its own start (after validation, at an epoch's start). The events
+are read, which waits for the GPU once, only at logging steps (trainer.log_every_n_steps), before
 validation and at the end of training. The first `warmup_steps` batches (compilation, allocator,
-cuDNN/Triton autotuning) are left out of the timed figures but not out of `tokens`.
+cuDNN/Triton autotuning) are left out of the timed figures but not out of `tokens`. A validation
+loop is timed with the same marks from its start to its end, read once at its end (extra work of
+other callbacks in that loop, e.g. FlopsPerToken's counted pass, is included); sanity checks are not.
 
-Logged at logging steps: train/tokens_per_s and train/step_ms over the batches since the last
-logging step, train/peak_mem_gb (CUDA), train/gpu_busy (NVML utilisation 0..1, sampled; only where
-`torch.cuda.utilization()` works). `summary()` gives the figures of the whole run:
-    tokens          training tokens seen (input_ids elements of every batch, warm-up included; under
-                    DDP, of every rank's batch: this rank's times the world size)
+Logged to the trainer's loggers (e.g. TensorBoard), against trainer.global_step:
+    train/tokens_per_s, train/step_ms   over the timed batches since the last logging step
+    train/peak_mem_gb                   torch.cuda.max_memory_allocated() (CUDA only)
+    train/gpu_busy                      NVML utilisation 0..1, sampled (where `torch.cuda.utilization()` works)
+    val/tokens_per_s                    after every validation loop
+Tokens are input_ids elements; under DDP every rank's batch counts (this rank's times the world
+size). `summary()` gives the figures of the whole run:
+    tokens          training tokens seen (warm-up included)
     timed_tokens    tokens of the timed batches
     train_seconds   time of every training batch (warm-up included; validation excluded)
     timed_seconds   time of the timed batches
     train_tokens_per_s = timed_tokens / timed_seconds;   step_ms = mean time of a timed batch
+    val_tokens_per_s   of the last validation loop (None before one)
     peak_mem_gb     torch.cuda.max_memory_allocated() since fit start (None on a CPU)
     gpu_busy        mean of the NVML samples (None where unavailable)
 """
@@ -61,8 +68,11 @@ class Throughput(L.Callback):
         self._batches = 0
         self._busy: list[float] = []
         self._nvml = True
+        self._val_start = None
+        self._val_tokens = 0
         self.tokens = self.timed_tokens = self.timed_batches = 0
         self.train_seconds = self.timed_seconds = 0.0
+        self.val_tokens_per_s: float | None = None
         self.peak_mem_gb: float | None = None
 
     # ------------------------------------------------------------------------------- marks
@@ -125,6 +135,33 @@ class Throughput(L.Callback):
         self._read()
         self._last_end = None
 
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._cuda = pl_module.device.type == "cuda"  # also for trainer.validate(), which skips on_fit_start
+        self._val_start, self._val_tokens = self._mark(), 0
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._val_tokens += batch_tokens(batch) * trainer.world_size
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not self._val_tokens:
+            return
+        end = self._mark()
+        if self._cuda:
+            end.synchronize()  # once per validation loop, not per step
+        seconds = self._elapsed(self._val_start, end)
+        if seconds > 0:
+            self.val_tokens_per_s = self._val_tokens / seconds
+            for logger in trainer.loggers:
+                logger.log_metrics({"val/tokens_per_s": self.val_tokens_per_s}, step=trainer.global_step)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._read()
         if self._cuda:
@@ -166,6 +203,7 @@ class Throughput(L.Callback):
             "timed_seconds": self.timed_seconds,
             "train_tokens_per_s": self.timed_tokens / self.timed_seconds if timed else None,
             "step_ms": 1000.0 * self.timed_seconds / self.timed_batches if timed else None,
+            "val_tokens_per_s": self.val_tokens_per_s,
             "peak_mem_gb": self.peak_mem_gb,
             "gpu_busy": sum(self._busy) / len(self._busy) if self._busy else None,
         }

@@ -15,7 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SPEC = """
 description: tiny runner check
 runs:
-  - {name: tiny, config: configs/quickstart.yaml, meta: {techniques: []}}
+  - name: tiny
+    config: configs/quickstart.yaml
+    meta: {techniques: []}
+    # a config's own Throughput: the runner measures with it, under the spec's warm-up
+    overrides: {"trainer.callbacks+": {class_path: callbacks.Throughput, init_args: {warmup_steps: 50}}}
 budget: {steps: 100}
 measure: [val_ppl, test_ppl, infer_tokens_per_s, flops_per_token]
 infer_batch_sizes: [1, 2]
@@ -28,11 +32,12 @@ def test_tiny_spec_end_to_end(tmp_path):
     spec = tmp_path / "tiny.yaml"
     spec.write_text(SPEC)
     out = tmp_path / "out"
-    assert runner.main([str(spec), "--smoke", "--out", str(out)]) == 0
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    assert runner.main([str(spec), "--smoke", "--out", str(out), "--commit", commit]) == 0
     report = json.loads((out / "tiny.json").read_text())
     for key in ("device", "torch", "lightning", "git_commit", "command", "budget", "records"):
         assert key in report, key
-    assert report["smoke"] is True and len(report["git_commit"]) >= 40
+    assert report["smoke"] is True and report["git_commit"] == commit and report["git_commit_from"] == "--commit"
     (r,) = report["records"]
     smoke = runner.SMOKE
     batch_tokens = smoke["data.init_args.batch_size"] * smoke["data.init_args.seq_len"]
@@ -53,8 +58,18 @@ def test_tiny_spec_end_to_end(tmp_path):
     assert r["command"].startswith("lightning fit --config configs/quickstart.yaml")
     table = (out / "tiny.md").read_text()
     assert "python -m benchmarks.run benchmarks/specs/tiny.yaml --smoke" in table and "| tiny |" in table
+    assert f"commit {commit} (stated by --commit)" in table
     assert (out / "tiny.png").stat().st_size > 0
     assert (out / "runs" / "tiny" / "tiny").is_dir()  # TensorBoard logs of the run
+
+
+def test_recorded_commit_is_git_head_unless_stated(capsys):
+    env = runner.environment({"name": "x"}, smoke=True)
+    assert env["git_commit_from"] == "git" and env["git_commit"].startswith(runner._git("rev-parse", "HEAD"))
+    assert len(env["git_commit"].removesuffix("-dirty")) == 40
+    with pytest.raises(SystemExit):
+        runner.main([str(ROOT / "benchmarks" / "specs" / "lm_compare.yaml"), "--commit", "$(git rev-parse HEAD)"])
+    assert "is not a commit SHA" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "benchmarks" / "specs").glob("*.yaml")), ids=lambda p: p.stem)

@@ -12,8 +12,9 @@ alpha_r, beta_r and k_prev_r = k'_{r-1} (k_prev[:, 0] unused):
   method "scan" or "sequential"; any float/complex precision;
 * ``"triton"``: ``resnet_bk.kernels.reduced_triton`` (complex64, float32 arithmetic), eager through
   the autograd Function ``TritonReducedSweep``;
-* under ``torch.compile`` every method runs as the custom op ``resnet_bk::reduced_sweep`` (fake
-  implementation and registered backward), so the sparse layer compiles without a graph break.
+* under ``torch.compile`` the Triton path runs as the custom op ``resnet_bk::reduced_sweep`` (fake
+  implementation and registered backward), so the sparse layer compiles without a graph break; the
+  reference is traced as it is (its autograd Function included).
 
 Triton is imported on first use only (tests set TRITON_INTERPRET=1 first; CPU installs need none).
 """
@@ -88,62 +89,40 @@ class TritonReducedSweep(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("resnet_bk::reduced_sweep", mutates_args=())
 def reduced_sweep_op(
-    alpha: torch.Tensor, beta: torch.Tensor, k_prev: torch.Tensor, lengths: torch.Tensor, impl: str
+    alpha: torch.Tensor, beta: torch.Tensor, k_prev: torch.Tensor, lengths: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(g, gs): g as reduced_sweep; gs the saved shifted sweep (impl 'triton'; empty otherwise)."""
-    if impl == "triton":
-        return _kernels().forward(alpha, beta, k_prev, lengths)
-    g = reduced_sweep_reference(alpha, beta, k_prev, lengths, impl)
-    return g, g.new_empty((0,))
+    """(g, gs) of the Triton forward: g as reduced_sweep, gs the shifted sweep saved for backward."""
+    return _kernels().forward(alpha, beta, k_prev, lengths)
 
 
 @reduced_sweep_op.register_fake
-def _reduced_sweep_fake(alpha, beta, k_prev, lengths, impl):
-    if impl == "triton":
-        g = alpha.new_empty(alpha.shape, dtype=torch.complex64)
-        return g, torch.empty_like(g)
-    return torch.empty_like(alpha), alpha.new_empty((0,))
+def _reduced_sweep_fake(alpha, beta, k_prev, lengths):
+    g = alpha.new_empty(alpha.shape, dtype=torch.complex64)
+    return g, torch.empty_like(g)
 
 
 @torch.library.custom_op("resnet_bk::reduced_sweep_backward", mutates_args=())
 def reduced_sweep_backward_op(
-    grad: torch.Tensor,
-    alpha: torch.Tensor,
-    beta: torch.Tensor,
-    k_prev: torch.Tensor,
-    lengths: torch.Tensor,
-    g: torch.Tensor,
-    gs: torch.Tensor,
-    impl: str,
+    grad: torch.Tensor, g: torch.Tensor, gs: torch.Tensor, k_prev: torch.Tensor, lengths: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_alpha, grad_beta, grad_k_prev) of reduced_sweep_op's g."""
-    if impl == "triton":
-        return _kernels().backward(grad, g, gs, k_prev, lengths)
-    leaves = [t.detach().requires_grad_() for t in (alpha, beta, k_prev)]
-    with torch.enable_grad():
-        out = reduced_sweep_reference(*leaves, lengths, impl)
-        grads = torch.autograd.grad(out, leaves, grad.to(out.dtype), allow_unused=True)
-    return tuple(torch.zeros_like(x) if d is None else d for d, x in zip(grads, leaves))
+    """(grad_alpha, grad_beta, grad_k_prev) of reduced_sweep_op's g (the Triton backward)."""
+    return _kernels().backward(grad, g, gs, k_prev, lengths)
 
 
 @reduced_sweep_backward_op.register_fake
-def _reduced_sweep_backward_fake(grad, alpha, beta, k_prev, lengths, g, gs, impl):
-    dtype = torch.complex64 if impl == "triton" else alpha.dtype
-    return tuple(x.new_empty(x.shape, dtype=dtype) for x in (alpha, beta, k_prev))
+def _reduced_sweep_backward_fake(grad, g, gs, k_prev, lengths):
+    return tuple(g.new_empty(g.shape) for _ in range(3))
 
 
 def _setup_context(ctx, inputs, output):
-    alpha, beta, k_prev, lengths, impl = inputs
-    ctx.save_for_backward(alpha, beta, k_prev, lengths, output[0], output[1])
-    ctx.impl = impl
+    _alpha, _beta, k_prev, lengths = inputs
+    ctx.save_for_backward(output[0], output[1], k_prev, lengths)
 
 
 def _backward(ctx, grad, _grad_gs):
-    alpha, beta, k_prev, lengths, g, gs = ctx.saved_tensors
-    g_alpha, g_beta, g_kp = torch.ops.resnet_bk.reduced_sweep_backward(
-        grad, alpha, beta, k_prev, lengths, g, gs, ctx.impl
-    )
-    return g_alpha, g_beta, g_kp, None, None
+    g, gs, k_prev, lengths = ctx.saved_tensors
+    g_alpha, g_beta, g_kp = torch.ops.resnet_bk.reduced_sweep_backward(grad, g, gs, k_prev, lengths)
+    return g_alpha, g_beta, g_kp, None
 
 
 reduced_sweep_op.register_autograd(_backward, setup_context=_setup_context)
@@ -161,7 +140,7 @@ def reduced_sweep(
         alpha, beta, k_prev: complex (R, K) (k_prev[:, 0] unused); complex64 for "triton".
         lengths: (R,) integer, the number of real entries of each row (the padding follows them).
         method: "scan" / "sequential" (the reference) or "triton" (the kernels: CUDA, or Triton's
-            interpreter). Under torch.compile every method runs as the custom op.
+            interpreter; under torch.compile the custom op).
     Returns:
         (R, K) complex: complex64 for "triton", alpha's dtype otherwise.
     """
@@ -170,8 +149,7 @@ def reduced_sweep(
     if method == "triton":
         check_triton_inputs(alpha)
         alpha, beta, k_prev = (t.to(torch.complex64) for t in (alpha, beta, k_prev))
-    if torch.compiler.is_compiling():
-        return torch.ops.resnet_bk.reduced_sweep(alpha, beta, k_prev, lengths, method)[0]
-    if method == "triton":
+        if torch.compiler.is_compiling():
+            return torch.ops.resnet_bk.reduced_sweep(alpha, beta, k_prev, lengths)[0]
         return TritonReducedSweep.apply(alpha, beta, k_prev, lengths)
     return reduced_sweep_reference(alpha, beta, k_prev, lengths, method)

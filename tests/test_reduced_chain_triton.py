@@ -1,6 +1,6 @@
 """The reduced-chain sweep of learned sparsity (resnet_bk.kernels.reduced_op / reduced_triton): the
 Triton kernels against the PyTorch reference (values and exact gradients, complex couplings,
-padded rows, rows spread over several programs), the reference against gradcheck, and the sweep
+padded rows, rows spread over several blocks), the reference against gradcheck, and the sweep
 under torch.compile (fullgraph: the kernel as a custom op, the reference traced).
 
 Without a GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set before the
@@ -68,15 +68,21 @@ def sweep_and_grads(alpha, beta, k_prev, lengths, method, weight):
     return out.detach(), [t.grad for t in leaves]
 
 
-@pytest.mark.parametrize("r, k", [(1, 1), (3, 5), (40, 19)])  # 40 rows: two programs of 32; 19: not a multiple of 8
-def test_kernel_equals_reference_sweep(r, k):
+# Blocks of 2 lanes x 2 positions .. 4 x 2: rows of 19 span several blocks (the carry between them),
+# chunks end inside a row and past it, as at K in the thousands with the default blocks.
+SMALL_BLOCKS = dict(steps=2, min_lanes=2, max_lanes=4)
+
+
+@pytest.mark.parametrize("r, k, blocks", [(1, 1, {}), (3, 5, {}), (3, 19, {}), (6, 19, SMALL_BLOCKS)])
+def test_kernel_equals_reference_sweep(r, k, blocks):
     alpha, beta, k_prev, lengths = random_sweep(r, k, seed=r + k)
     weight = torch.randn(r, k, dtype=torch.complex128, generator=torch.Generator().manual_seed(7))
     ref, ref_grads = sweep_and_grads(alpha, beta, k_prev, lengths, "scan", weight)
     seq = reduced_sweep(alpha, beta, k_prev, lengths, "sequential")
     torch.testing.assert_close(seq, ref, atol=1e-12, rtol=1e-12)
     dev = [t.to(DEVICE, torch.complex64) for t in (alpha, beta, k_prev)]
-    out, grads = sweep_and_grads(*dev, lengths.to(DEVICE), "triton", weight.to(DEVICE))
+    with reduced_triton.config(**blocks):
+        out, grads = sweep_and_grads(*dev, lengths.to(DEVICE), "triton", weight.to(DEVICE))
     assert out.dtype == torch.complex64 and out.shape == (r, k)
     valid = torch.arange(k)[None, :] < lengths[:, None]
     assert (out.cpu()[~valid] == 0).all()  # padding: exactly zero

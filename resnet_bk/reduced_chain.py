@@ -84,25 +84,53 @@ def pack_kept(keep: torch.Tensor, capacity: Optional[int] = None) -> tuple[torch
     return pos, valid, runs
 
 
-def run_factors(alpha_s: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rho_L, 1/U_L) at each run length L of `lengths`, closed form (see the module docstring).
+def _parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.real, x.imag
+
+
+def _mul(a, b):
+    return a[0] * b[0] - a[1] * b[1], a[0] * b[1] + a[1] * b[0]
+
+
+def _div(a, b):
+    den = b[0] * b[0] + b[1] * b[1]
+    return (a[0] * b[0] + a[1] * b[1]) / den, (a[1] * b[0] - a[0] * b[1]) / den
+
+
+def _exp_times(ell: torch.Tensor, log_x: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """x^ell = exp(ell log x) as (re, im), for real ell and log x = (re, im)."""
+    mag, phase = torch.exp(ell * log_x[0]), ell * log_x[1]
+    return mag * torch.cos(phase), mag * torch.sin(phase)
+
+
+def run_factor_parts(alpha_s: torch.Tensor, lengths: torch.Tensor) -> tuple[tuple, tuple]:
+    """((Re rho_L, Im rho_L), (Re 1/U_L, Im 1/U_L)) at each run length L of `lengths`, closed form
+    (see the module docstring); real tensors of the broadcast shape, differentiable in alpha_s.
 
     alpha_s: complex tensor, a scalar or (R, 1) (the a - z of a skipped site, per row), Im alpha_s < 0.
     lengths: integer tensor broadcastable with alpha_s, e.g. (R, K) run lengths or (L + 1,).
-    Returns two complex tensors of the broadcast shape, differentiable in alpha_s. Elementwise, so a
-    run of any length costs O(1) and nothing depends on the longest run (no host sync).
+    Complex arithmetic only on alpha_s's shape (one value per row); the per-entry work is real and
+    elementwise (it fuses under torch.compile), O(1) per run of any length, and nothing depends on
+    the longest run (no host sync).
     """
     disc = torch.sqrt(alpha_s * alpha_s - 4)
     lam_a, lam_b = (alpha_s + disc) / 2, (alpha_s - disc) / 2
     lam1 = torch.where(lam_a.abs() >= lam_b.abs(), lam_a, lam_b)  # |lam1| > 1 > |lam2|, lam1 lam2 = 1
     mu = 1 / (lam1 * lam1)  # lam2 / lam1
     ell = lengths.to(alpha_s.real.dtype)
-    mu_l = torch.exp(ell * torch.log(mu))  # mu^L (|mu| < 1: decays, never overflows)
-    one = torch.ones((), dtype=alpha_s.dtype, device=alpha_s.device)
-    denom = one - mu_l * mu  # 1 - mu^(L+1)
-    rho = (one - mu_l) / (lam1 * denom)
-    inv_u = (one - mu) * torch.exp(-ell * torch.log(lam1)) / denom
+    mu_l = _exp_times(ell, _parts(torch.log(mu)))  # mu^L (|mu| < 1: decays, never overflows)
+    mu_l1 = _mul(mu_l, _parts(mu))
+    denom = (1 - mu_l1[0], -mu_l1[1])  # 1 - mu^(L+1)
+    rho = _div((1 - mu_l[0], -mu_l[1]), _mul(_parts(lam1), denom))
+    lam_inv_l = _exp_times(-ell, _parts(torch.log(lam1)))  # lam1^-L
+    inv_u = _div(_mul(_parts(1 - mu), lam_inv_l), denom)
     return rho, inv_u
+
+
+def run_factors(alpha_s: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rho_L, 1/U_L) as complex tensors: `run_factor_parts` put together."""
+    rho, inv_u = run_factor_parts(alpha_s, lengths)
+    return torch.complex(*rho), torch.complex(*inv_u)
 
 
 def run_table(alpha_s: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,23 +171,28 @@ def reduced_green_diagonal(
         return torch.zeros((b, 0), dtype=cdtype, device=v_kept.device)
     if lengths is None:
         lengths = torch.full((b,), k, dtype=torch.long, device=v_kept.device)
-    # The run factors in double precision (elementwise, O(B K)), then cast down.
+    # The run factors in double precision (elementwise, O(B K)), then cast down. Real and imaginary
+    # parts are kept apart up to the sweep's inputs (complex ops do not fuse under torch.compile).
     v_s = (
         v_skip.to(torch.float64)
         if isinstance(v_skip, torch.Tensor)
         else torch.tensor(float(v_skip), dtype=torch.float64)
     )
     v_s = v_s.to(v_kept.device)
-    z_run, z_kept = (
-        (z.to(torch.complex128), z.to(cdtype)) if isinstance(z, torch.Tensor) else (complex(z), complex(z))
-    )
-    alpha_s = (-2.0 + v_s).to(torch.complex128) - z_run
-    rho, inv_u = (t.to(cdtype) for t in run_factors(alpha_s, run_lengths))  # (B, K) each
+    if isinstance(z, torch.Tensor):
+        alpha_s = (-2.0 + v_s).to(torch.complex128) - z.to(torch.complex128)
+        z_re, z_im = z.real.to(real), z.imag.to(real)
+    else:
+        alpha_s = (-2.0 + v_s).to(torch.complex128) - complex(z)
+        z_re, z_im = complex(z).real, complex(z).imag
+    rho, inv_u = (tuple(t.to(real) for t in pair) for pair in run_factor_parts(alpha_s, run_lengths))  # (B, K)
 
-    alpha = (-2.0 + v_kept.to(real)).to(cdtype) - z_kept
-    alpha_red = alpha - rho  # alpha'_r
-    k_prev = torch.cat([torch.zeros_like(inv_u[:, :1]), inv_u[:, 1:].square()], dim=1)  # k'_{r-1}
-    beta = torch.cat([-rho[:, 1:], torch.zeros_like(rho[:, :1])], dim=1)  # beta_r = -rho_{L_{r+1}}
+    alpha_red = (-2.0 + v_kept.to(real) - z_re - rho[0], -z_im - rho[1])  # alpha'_r = alpha_r - rho_{L_r}
+    k_red = _mul(inv_u, inv_u)  # 1 / U_L^2
+    zero = torch.zeros_like(rho[0][:, :1])
+    k_prev = tuple(torch.cat([zero, t[:, 1:]], dim=1) for t in k_red)  # k'_{r-1}, 0 at r = 0
+    beta = tuple(torch.cat([-t[:, 1:], zero], dim=1) for t in rho)  # beta_r = -rho_{L_{r+1}}
+    alpha_red, beta, k_prev = (torch.view_as_complex(torch.stack(t, dim=-1)) for t in (alpha_red, beta, k_prev))
     return reduced_sweep(alpha_red, beta, k_prev, lengths, method)
 
 

@@ -150,8 +150,8 @@ class SparseBKLayer(BKLayer):
         predictor_kernel, interp_kernel: widths of the causal convolutions.
         calibration_momentum: EMA momentum of the eval threshold (the target-quantile of the
             training batches' logits).
-        capacity: None: exactly the kept positions are gathered (their number is read back to the
-            host: one sync per layer, data-dependent shapes). A fraction in (0, 1]: static shapes,
+        capacity: None: exactly the kept positions are gathered (their number and the longest
+            row's are read back to the host: two syncs per layer, data-dependent shapes). A fraction in (0, 1]: static shapes,
             no host sync (torch.compile fullgraph, CUDA graphs): every row gathers K_cap =
             ceil(capacity N) slots; a row's kept positions beyond its first K_cap are skipped
             (interpolated like any skipped position; this depends on the past only, so it stays
@@ -247,8 +247,8 @@ class SparseBKLayer(BKLayer):
         return v.to(torch.promote_types(v.dtype, torch.float32))  # the core runs in >= float32
 
     def _compute_dynamic(self, x: torch.Tensor, keep: torch.Tensor):
-        """capacity=None: the kept rows exactly (a host sync for their number) -> (computed (B, N, D),
-        zero at skipped positions, aux, stats)."""
+        """capacity=None: the kept rows exactly (host syncs: their number, and K in pack_kept) ->
+        (computed (B, N, D), zero at skipped positions, aux, stats)."""
         b, n, d = x.shape
         idx = keep.reshape(-1).nonzero().squeeze(1)  # one host sync: the gathered shapes
         self.last_rows = idx.numel()

@@ -109,7 +109,10 @@ def test_kernel_through_reduced_green_diagonal_equals_dense(z):
 
     def run(dtype, method, device):
         cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
-        leaves = [v.to(device, dtype).clone().requires_grad_(), torch.tensor(-0.3, dtype=dtype, device=device).requires_grad_()]
+        leaves = [
+            v.to(device, dtype).clone().requires_grad_(),
+            torch.tensor(-0.3, dtype=dtype, device=device).requires_grad_(),
+        ]
         zl = zz.to(device, cdtype).clone().requires_grad_() if z == "tensor" else zz
         out = reduced_green_diagonal(leaves[0], runs.to(device), leaves[1], zl, method, lengths=lengths.to(device))
         (out * weight.to(device, out.dtype)).real.sum().backward()
@@ -126,7 +129,9 @@ def test_kernel_through_reduced_green_diagonal_equals_dense(z):
 
 def test_reference_gradcheck():
     """The reduced core in float64 (v_kept, v_skip and a per-row z) against finite differences."""
-    keep = torch.tensor([[True, False, False, True, True, False, True], [False, True, False, False, False, False, True]])
+    keep = torch.tensor(
+        [[True, False, False, True, True, False, True], [False, True, False, False, False, False, True]]
+    )
     pos, valid, runs = pack_kept(keep)
     g = torch.Generator().manual_seed(0)
     v = torch.randn(valid.shape, dtype=torch.float64, generator=g, requires_grad=True)

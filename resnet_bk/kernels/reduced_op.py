@@ -61,7 +61,9 @@ def check_triton_inputs(alpha: torch.Tensor) -> None:
             "(or set TRITON_INTERPRET=1 before importing Triton to run the kernels in its interpreter)."
         )
     if alpha.dtype == torch.complex128:
-        raise ValueError("reduced_sweep(method='triton'): the kernels compute in complex64; use method='scan' for float64.")
+        raise ValueError(
+            "reduced_sweep(method='triton'): the kernels compute in complex64; use method='scan' for float64."
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -243,6 +243,107 @@ def test_skipped_rows_never_enter_the_gathered_matmuls():
     assert float(out.stats["sparsity"]) == pytest.approx(1 - kept / (2 * x.numel()))
 
 
+# ------------------------------------------------------------------------ static capacity
+def _capacity_layer(capacity, num_experts=2):
+    torch.manual_seed(0)
+    layer = SparseBKLayer(D, 2 * D, num_experts=num_experts, target_sparsity=0.5, capacity=capacity)
+    with torch.no_grad():
+        layer.predictor.proj.weight.normal_()  # masks that mix kept and skipped positions
+    return layer
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_full_capacity_equals_the_exact_gather(train):
+    """capacity=1.0 (static shapes, padding rows) gives the values and gradients of capacity=None."""
+    exact, static = _capacity_layer(None).train(train), _capacity_layer(1.0).train(train)
+    x = torch.randn(3, 14, D)
+    results = []
+    for layer in (exact, static):
+        xx = x.clone().requires_grad_()
+        torch.manual_seed(5)
+        out, aux, stats = layer(xx)
+        (out.square().sum() + aux["sparsity"]).backward()
+        results.append((out, xx.grad, layer.v_skip.grad, stats))
+    (o1, g1, s1, st1), (o2, g2, s2, st2) = results
+    assert 0.1 < float(st1["sparsity"]) < 0.9
+    torch.testing.assert_close(o2, o1, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(g2, g1, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(s2, s1, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(st2["g_abs_mean"], st1["g_abs_mean"])  # padding slots left out
+    assert float(st2["capacity_overflow"]) == 0.0 and static.last_rows == 3 * 14
+
+
+def test_capacity_keeps_each_rows_first_kept_positions():
+    layer = _capacity_layer(0.25).eval()
+    free = _capacity_layer(None).eval()
+    x = torch.randn(4, 20, D)
+    with torch.no_grad():
+        _, _, stats = layer(x)
+        free(x)
+    k_cap = 5
+    wanted = free.last_keep & (free.last_keep.long().cumsum(1) <= k_cap)
+    assert torch.equal(layer.last_keep, wanted) and layer.last_rows == 4 * k_cap
+    dropped = int(free.last_keep.sum() - wanted.sum())
+    assert dropped > 0
+    assert float(stats["capacity_overflow"]) == pytest.approx(dropped / int(free.last_keep.sum()))
+
+
+@pytest.mark.parametrize("core", ["reduced", "full"])
+@pytest.mark.parametrize("train", [True, False])
+def test_causality_with_capacity(core, train):
+    torch.manual_seed(0)
+    model = _mixed(MODELS["sparse_reduced" if core == "reduced" else "sparse_full"]())
+    for layer in sparse_layers(model):
+        layer.capacity = 0.4  # overflowing rows drop their later kept positions
+    model = model.double().train(train)
+    _assert_causal(model, torch.randint(0, V, (2, 15)), (0, 7, 14), train)
+    assert any(float(layer.last_keep.sum(1).max()) == 6 for layer in sparse_layers(model))  # at capacity
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_static_capacity_never_syncs(train):
+    """On the meta device every value read (.item(), .tolist(), nonzero) raises: forward and backward
+    run there only if the layer never syncs and all shapes are static."""
+    torch.manual_seed(0)
+    layer = SparseBKLayer(D, 2 * D, num_experts=2, target_sparsity=0.5, capacity=0.6)
+    layer = layer.to("meta", torch.bfloat16).train(train)
+    x = torch.randn(2, 9, D, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    out, aux, _ = layer(x)
+    (out.float().sum() + sum(aux.values())).backward()
+    assert x.grad.shape == x.shape
+    layer.capacity = None
+    with pytest.raises(NotImplementedError):  # the exact gather reads the kept count back
+        layer(x)
+
+
+def test_triton_dispatch_and_compiled_layer(monkeypatch):
+    """With the BK-core method resolved to "triton" the layer runs the fused reduced sweep (Triton's
+    interpreter on CPU): the reference's values and gradients, also compiled (fullgraph, no sync)."""
+    pytest.importorskip("triton")
+    from resnet_bk.bk_core import use_method
+    from resnet_bk.kernels import reduced_op
+
+    calls = []
+    kernels = reduced_op._kernels()
+    monkeypatch.setattr(reduced_op, "_kernels", lambda: calls.append(1) or kernels)
+    layer = _capacity_layer(0.75, num_experts=1).train()  # the MoE's float32 CPU path is not compile-able
+    x = torch.randn(2, 12, D)
+    results = []
+    for method, compiled in (("scan", False), ("triton", False), ("triton", True)):
+        fn = torch.compile(layer, fullgraph=True, backend="aot_eager") if compiled else layer
+        xx = x.clone().requires_grad_()
+        with use_method(method):
+            torch.manual_seed(3)
+            out, _, stats = fn(xx)
+            out.square().sum().backward()
+        results.append((out.detach(), xx.grad))
+        assert bool(calls) == (method == "triton")
+    assert 0.1 < float(stats["sparsity"]) < 0.9
+    for out, grad in results[1:]:
+        torch.testing.assert_close(out, results[0][0], atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(grad, results[0][1], atol=2e-5, rtol=2e-5)
+
+
 # ----------------------------------------------------------------------------- short training
 @pytest.mark.parametrize("target", [0.25, 0.8])
 def test_achieved_sparsity_tracks_target(target):
@@ -372,3 +473,5 @@ def test_bad_arguments():
         SparseBKLayer(D, D, core="dense")
     with pytest.raises(ValueError, match="causal"):
         SparseBKLayer(D, D, causal=False)
+    with pytest.raises(ValueError, match="capacity"):
+        SparseBKLayer(D, D, capacity=1.5)

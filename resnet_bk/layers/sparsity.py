@@ -16,7 +16,9 @@ One layer, with x already layer-normed by the block:
     keep = train: sigmoid((l + logistic noise)/tau) > 0.5       (P(keep) = sigmoid(l) at any tau)
            eval:  l > threshold, threshold = EMA over training batches of the target_sparsity-
                   quantile of l (calibrated on training data; a per-position rule, no top-k)
-    rows = the kept positions, gathered:  h = MoE(x[rows]),  v = v_proj(h)  (T, C): C chains,
+    rows = the kept positions, gathered:  h = MoE(x[rows]),  v = v_proj(h)  (T, C): C chains
+           (capacity set: each row's first K_cap = ceil(capacity N) kept positions, in a static
+           (B, K_cap) layout, see SparseBKLayer),
            g = causal BK-core of each chain at the kept positions (core="reduced": the Schur-complement
                chain of length K, resnet_bk.reduced_chain; core="full": the length-N chain with v_skip
                at the skipped positions), y = BKLayer.read_out(h, [Re g, Im g])      (rows only)
@@ -37,6 +39,9 @@ the interpolation conv (O(D) each); NOT the MoE feed-forward (16 D^2 FLOPs at d_
 g_proj, nor (core="reduced") a step of the resolvent sweep.
 
 target_sparsity = 0 builds no predictor and runs exactly the dense BKLayer.
+
+The BK-core runs as resnet_bk.bk_core.resolve_method("auto") says: the fused Triton kernels on CUDA
+(resnet_bk.kernels.reduced_triton for core="reduced"), the PyTorch reference otherwise.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from resnet_bk.bk_core import resolve_method
 from resnet_bk.layers.bk_layer import BKLayer, ResNetBKBlock
 from resnet_bk.layers.dropout import Gathered, consume_dropout
 from resnet_bk.layers.resolvent import ResolventConfig
@@ -144,8 +150,17 @@ class SparseBKLayer(BKLayer):
         predictor_kernel, interp_kernel: widths of the causal convolutions.
         calibration_momentum: EMA momentum of the eval threshold (the target-quantile of the
             training batches' logits).
+        capacity: None: exactly the kept positions are gathered (their number and the longest
+            row's are read back to the host: two syncs per layer, data-dependent shapes). A fraction in (0, 1]: static shapes,
+            no host sync (torch.compile fullgraph, CUDA graphs): every row gathers K_cap =
+            ceil(capacity N) slots; a row's kept positions beyond its first K_cap are skipped
+            (interpolated like any skipped position; this depends on the past only, so it stays
+            causal), counted in the stat "capacity_overflow" (fraction of kept positions dropped);
+            slots beyond a row's kept count are padding rows that run and are discarded (they enter
+            the MoE router and its load statistics). capacity=1.0 gives the values of None.
     forward(x) -> (out (B, N, D), aux_losses, stats). After a forward, `last_rows` is the number of
-    rows that entered the feed-forward, v_proj and g_proj, and `last_keep` the (B, N) bool mask.
+    rows that entered the feed-forward, v_proj and g_proj (B K_cap with a capacity), and
+    `last_keep` the (B, N) bool mask of the positions computed.
     `tau` (attribute, default 1.0) is the Gumbel-sigmoid temperature (see set_temperature).
     """
 
@@ -163,8 +178,13 @@ class SparseBKLayer(BKLayer):
         predictor_kernel: int = 3,
         interp_kernel: int = 3,
         calibration_momentum: float = 0.9,
+        capacity: Optional[float] = None,
     ):
         super().__init__(d_model, d_ff, num_experts, top_k, resolvent, causal, dropout)
+        if capacity is not None and not 0.0 < capacity <= 1.0:
+            raise ValueError(
+                f"SparseBKLayer: capacity must be None or in (0, 1] (a fraction of the positions), got {capacity}."
+            )
         if not 0.0 <= target_sparsity < 1.0:
             raise ValueError(f"SparseBKLayer: target_sparsity must be in [0, 1), got {target_sparsity}.")
         if core not in ("reduced", "full"):
@@ -177,6 +197,7 @@ class SparseBKLayer(BKLayer):
                 "has none; use resolvent.couplings='laplacian' with target_sparsity > 0."
             )
         self.target_sparsity, self.core, self.momentum = target_sparsity, core, calibration_momentum
+        self.capacity = capacity
         self.tau = 1.0
         self.last_rows, self.last_keep = 0, None
         if target_sparsity == 0:
@@ -203,25 +224,70 @@ class SparseBKLayer(BKLayer):
         self.threshold.copy_(torch.where(self.calibrated, ema, q))
         self.calibrated.fill_(True)
 
-    def _features(self, v_rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Potentials of the kept rows (T, C) in row-major order -> their features (T, 2C),
-        [Re g_c, Im g_c] of each chain (C chains, each with every skipped site at v_skip)."""
-        b, n = keep.shape
-        c = v_rows.shape[1]
-        pos, valid, runs = pack_kept(keep)  # (B, K) each
-        v = v_rows.new_zeros((*valid.shape, c)).masked_scatter(valid[..., None], v_rows)  # (B, K, C)
-        v = v.permute(0, 2, 1).reshape(b * c, -1)  # row b*C + c: channel c of sequence b
-        pos, valid_rows, runs = (t.repeat_interleave(c, dim=0) for t in (pos, valid, runs))
+    def kept_green(self, v: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, runs: torch.Tensor, n: int):
+        """Potentials (B, K, C) at pack_kept's slots -> causal g (B, K, C) complex of each chain
+        (C chains, each with every skipped site at v_skip), 0 at the padding slots."""
+        b, k, c = v.shape
+        rows = v.permute(0, 2, 1).reshape(b * c, k)  # row b*C + c: channel c of sequence b
+        pos, valid, runs = (t.repeat_interleave(c, dim=0) for t in (pos, valid, runs))
         z = self.shift()
         if isinstance(z, torch.Tensor):
             z = z.repeat(b)[:, None]  # (B*C, 1)
-        v_skip = self.v_skip.to(v.dtype)
+        v_skip = self.v_skip.to(rows.dtype)
+        method = resolve_method("auto", rows)
         if self.core == "reduced":
-            g = reduced_green_diagonal(v, runs, v_skip, z)
+            g = reduced_green_diagonal(rows, runs, v_skip, z, method, lengths=valid.sum(1))
         else:
-            g = kept_green_diagonal_full(v, pos, valid_rows, n, v_skip, z)
-        g = g.view(b, c, -1).permute(0, 2, 1)[valid]  # (T, C)
-        return torch.view_as_real(g).reshape(-1, 2 * c)
+            g = kept_green_diagonal_full(rows, pos, valid, n, v_skip, z, method)
+            g = torch.where(valid, g, torch.zeros_like(g))
+        return g.view(b, c, k).permute(0, 2, 1)
+
+    def _potential(self, h: torch.Tensor) -> torch.Tensor:
+        v = self.v_proj(h)
+        return v.to(torch.promote_types(v.dtype, torch.float32))  # the core runs in >= float32
+
+    def _compute_dynamic(self, x: torch.Tensor, keep: torch.Tensor):
+        """capacity=None: the kept rows exactly (host syncs: their number, and K in pack_kept) ->
+        (computed (B, N, D), zero at skipped positions, aux, stats)."""
+        b, n, d = x.shape
+        idx = keep.reshape(-1).nonzero().squeeze(1)  # one host sync: the gathered shapes
+        self.last_rows = idx.numel()
+        flat = x.reshape(b * n, d)
+        if idx.numel() == 0:  # everything skipped: nothing computed
+            consume_dropout(self, b * n, d, x)  # the stream after this does not depend on it
+            return x.new_zeros(b, n, d), {}, {}
+        gathered = (idx, b * n)  # dropout masks are drawn for all B * N positions (layers.dropout)
+        h, aux, stats = self.feed_forward(flat.index_select(0, idx), gathered)  # (T, D): kept rows only
+        v = self._potential(h)  # (T, C)
+        pos, valid, runs = pack_kept(keep)  # (B, K) each
+        v = v.new_zeros((*valid.shape, v.shape[1])).masked_scatter(valid[..., None], v)  # (B, K, C)
+        g = self.kept_green(v, pos, valid, runs, n)[valid]  # (T, C)
+        features = torch.view_as_real(g).reshape(g.shape[0], -1)
+        y = self.read_out(h, features, gathered)
+        computed = flat.new_zeros(b * n, d).index_copy(0, idx, y.to(flat.dtype)).view(b, n, d)
+        return computed, aux, {**stats, **self.mix_stats(features)}
+
+    def _compute_static(self, x: torch.Tensor, keep: torch.Tensor, k_cap: int):
+        """Static shapes, no host sync: B * k_cap rows (each row's first k_cap kept positions, then
+        padding) -> (computed (B, N, D), zero at skipped positions, aux, stats). keep must hold at
+        most k_cap kept positions per row."""
+        b, n, d = x.shape
+        pos, valid, runs = pack_kept(keep, k_cap)  # (B, K) each
+        self.last_rows = b * k_cap
+        idx = (torch.arange(b, device=x.device)[:, None] * n + pos).reshape(-1)  # padding: position 0
+        gathered = (idx, b * n)
+        h, aux, stats = self.feed_forward(x.reshape(b * n, d).index_select(0, idx), gathered)  # (B K, D)
+        v = self._potential(h).view(b, k_cap, -1)  # (B, K, C)
+        g = self.kept_green(v, pos, valid, runs, n)  # (B, K, C), 0 at padding
+        features = torch.view_as_real(g).reshape(b * k_cap, -1)
+        y = self.read_out(h, features, gathered).view(b, k_cap, d)
+        # position t of row b takes slot (kept up to t) - 1 if kept, else 0 (a gather: no scatter of padding)
+        slot = (keep.long().cumsum(1) - 1).clamp(0, k_cap - 1)
+        computed = torch.gather(y, 1, slot[..., None].expand(b, n, d)) * keep[..., None].to(y.dtype)
+        stats = {**stats, **self.mix_stats(features)}
+        magnitude = torch.hypot(features.detach()[:, 0::2], features.detach()[:, 1::2])  # (B K, C)
+        stats["g_abs_mean"] = magnitude.sum() / (valid.sum() * magnitude.shape[1]).clamp_min(1)  # real slots
+        return computed.to(x.dtype), aux, stats
 
     def forward(self, x: torch.Tensor, gathered: Gathered | None = None):
         if gathered is not None:
@@ -240,23 +306,17 @@ class SparseBKLayer(BKLayer):
         else:
             keep = logits > self.threshold
             gate = keep.to(logits.dtype)
+        overflow = None
+        if self.capacity is None:
+            computed, aux, stats = self._compute_dynamic(x, keep)
+        else:
+            k_cap = max(1, math.ceil(self.capacity * n))
+            within = keep.long().cumsum(1) <= k_cap  # the first k_cap kept positions: the past only
+            overflow = (keep & ~within).sum() / keep.sum().clamp_min(1)
+            keep = keep & within
+            gate = gate * within.to(gate.dtype)
+            computed, aux, stats = self._compute_static(x, keep, k_cap)
         self.last_keep = keep
-        idx = keep.reshape(-1).nonzero().squeeze(1)  # one host sync: the gathered shapes
-        self.last_rows = idx.numel()
-        flat = x.reshape(b * n, d)
-        aux, stats = {}, {}
-        if idx.numel() > 0:
-            gathered = (idx, b * n)  # dropout masks are drawn for all B * N positions (layers.dropout)
-            h, aux, stats = self.feed_forward(flat.index_select(0, idx), gathered)  # (T, D): kept rows only
-            v = self.v_proj(h)
-            v = v.to(torch.promote_types(v.dtype, torch.float32))  # the core runs in >= float32
-            features = self._features(v, keep)
-            y = self.read_out(h, features, gathered)
-            computed = flat.new_zeros(b * n, d).index_copy(0, idx, y.to(flat.dtype)).view(b, n, d)
-            stats = {**stats, **self.mix_stats(features)}
-        else:  # everything skipped: nothing computed, nothing to interpolate from
-            computed = x.new_zeros(b, n, d)
-            consume_dropout(self, b * n, d, x)  # the stream after this does not depend on it
         # Causal interpolation: hold the last kept output before t, then a left-padded conv.
         last = last_kept_before(keep)
         hold = torch.gather(computed, 1, last.clamp_min(0)[..., None].expand(b, n, d))
@@ -268,9 +328,12 @@ class SparseBKLayer(BKLayer):
         expected_sparsity = 1 - torch.sigmoid(logits).mean()
         aux = dict(aux)
         aux["sparsity"] = (expected_sparsity - self.target_sparsity).square()
+        stats = dict(stats)
         stats["sparsity"] = 1 - keep.float().mean()
         stats["expected_sparsity"] = expected_sparsity.detach()
         stats["threshold"] = self.threshold.detach().clone()
+        if overflow is not None:
+            stats["capacity_overflow"] = overflow.detach()
         return out, aux, stats
 
 

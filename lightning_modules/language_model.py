@@ -294,10 +294,19 @@ class LanguageModel(L.LightningModule):
             self._check_nonfinite(self._check_due())
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", result.loss.detach(), prog_bar=True, batch_size=bs)
-        self.log_dict({f"train/{k}": v for k, v in result.logs.items()}, batch_size=bs)
+        if self._logging_step():
+            self.log_dict({f"train/{k}": v for k, v in result.logs.items()}, batch_size=bs)
         if self.nonfinite == "skip":
             self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), batch_size=bs)
         return result.loss
+
+    def _logging_step(self) -> bool:
+        """True where the trainer writes step metrics to its loggers (every log_every_n_steps steps and
+        the last): the per-step scalars are handed to self.log only then, since each call costs host
+        time (tens of Python calls and a copy kernel) that the values of other steps would not repay."""
+        if self._trainer is None:
+            return True
+        return self.trainer._logger_connector.should_update_logs or bool(self.trainer.fast_dev_run)
 
     def _check_due(self) -> bool:
         interval = self.nonfinite_check_interval

@@ -125,6 +125,20 @@ def test_compiled_loss_serves_one_shape_per_mode_and_other_shapes_run_eagerly():
     assert calls == [(5, 7), (5, 7), (2, 7)]
 
 
+def test_step_scalars_are_handed_to_the_logger_only_at_logging_steps(tmp_path):
+    model = LanguageModel(network=TinyLM, vocab_size=V)
+    handed = []
+    log_dict = model.log_dict
+    model.log_dict = lambda logs, **kw: (handed.append(model.global_step), log_dict(logs, **kw))
+    g = torch.Generator().manual_seed(0)
+    batches = [make_batch(torch.randint(0, V, (2, 5), generator=g), torch.randint(0, V, (2, 5), generator=g))] * 6
+    csv = L.pytorch.loggers.CSVLogger(tmp_path)
+    trainer(max_steps=6, log_every_n_steps=3, logger=csv, limit_val_batches=0).fit(model, loader(batches))
+    assert handed == [2, 5]  # the steps whose metrics the trainer writes (global_step counts from 0 here)
+    text = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    assert "train/ce" in text.splitlines()[0] and "train/stats/logit_mean" in text.splitlines()[0]
+
+
 def test_aux_loss_without_weight_is_an_error_naming_it():
     model = LanguageModel(network=partial(TinyLM, aux=("ponder",)), vocab_size=V)  # default weights: load_balance
     with pytest.raises(ValueError, match="'ponder'.*no weight"):

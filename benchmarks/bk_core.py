@@ -1,11 +1,11 @@
 """BK-core on a GPU: the Triton kernels against the PyTorch scan, causal FlashAttention and the
 memory-bandwidth floor, plus an accuracy check against float64. Run on a CUDA device:
 
-    python benchmarks/bk_core.py                  # full run -> benchmarks/results/bk_core.{json,md,png}
+    python benchmarks/bk_core.py                  # full run -> benchmarks/results/bk_core.{json,md}
     python benchmarks/bk_core.py --quick          # small subset, for a smoke test
     python benchmarks/bk_core.py --quick --config chunk=2048,rows_bwd=4   # one launch configuration
     python benchmarks/bk_core.py --overhead       # host-side cost of an eager call
-    python benchmarks/bk_core.py --render         # redraw bk_core.md/png from the JSON (no GPU)
+    python benchmarks/bk_core.py --render         # rewrite bk_core.md from the JSON (no GPU)
 
 Timing rules (docs/design.md section 4):
 * ``ms``: median over repetitions of CUDA-event timings around one eager call (forward, or
@@ -23,8 +23,8 @@ Timing rules (docs/design.md section 4):
   kernels against the float64 PyTorch scan on the GPU, for values and all three gradients.
 
 Outputs: bk_core.json (one record per implementation, dtype, mode, causality and shape),
-bk_core_meta.json (versions, launch configuration, bandwidth, accuracy, GPU time per kernel),
-bk_core.md and bk_core.png.
+bk_core_meta.json (versions, launch configuration, bandwidth, accuracy, GPU time per kernel)
+and bk_core.md (the tables).
 """
 
 from __future__ import annotations
@@ -303,16 +303,14 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
     ap.add_argument("--overhead", action="store_true", help="host-side cost of an eager call (printed)")
-    ap.add_argument("--render", action="store_true", help="only redraw bk_core.md/png from the JSON in --out")
+    ap.add_argument("--render", action="store_true", help="only rewrite bk_core.md from the JSON in --out")
     ap.add_argument("--config", default="", help="bk_triton.CONFIG overrides, e.g. chunk=1024,rows_bwd=4")
     args = ap.parse_args()
-    paths = {ext: os.path.join(args.out, f"bk_core{ext}") for ext in (".json", "_meta.json", ".md", ".png")}
+    paths = {ext: os.path.join(args.out, f"bk_core{ext}") for ext in (".json", "_meta.json", ".md")}
     if args.render:
         with open(paths[".json"]) as f, open(paths["_meta.json"]) as g:
             records, meta = json.load(f), json.load(g)
-        write_markdown(records, meta, paths[".md"])
-        plot(records, paths[".png"], meta["info"])
-        return
+        return write_markdown(records, meta, paths[".md"])
     assert torch.cuda.is_available(), "benchmarks/bk_core.py needs a CUDA device"
     sys.stdout.reconfigure(line_buffering=True)  # progress shows as it comes, also through a pipe
     bk_triton.CONFIG.update({k: int(v) for k, v in (kv.split("=") for kv in args.config.split(",") if kv)})
@@ -351,7 +349,6 @@ def main():
         shapes = [(8, n) for n in (256, 1024, 4096, 16384, 65536)] + [(1, n) for n in (4096, 65536, 2**18, 2**20)]
     records = timings(shapes, info, meta["peak_bytes_per_s"], save)
     write_markdown(records, meta, paths[".md"])
-    plot(records, paths[".png"], info)
     print(open(paths[".md"]).read())
 
 
@@ -441,48 +438,6 @@ def accuracy_row(a):
         f"{a['scan_fp32_out_max']:.1e} / {a['scan_fp32_grad_diag_max']:.1e} | {a['tolerance']:g} | "
         f"{'pass' if a['pass'] else 'FAIL'} |"
     )
-
-
-def plot(records, path, info):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
-    styles = {
-        ("triton", True): ("Triton causal", "C0", "-"),
-        ("triton", False): ("Triton bidirectional", "C0", "--"),
-        ("torch_scan", True): ("PyTorch scan causal", "C1", "-"),
-        ("sdpa_flash", True): ("SDPA FlashAttention causal (bf16, 4x64)", "C3", "-"),
-        ("floor", None): ("bandwidth floor", "k", ":"),
-    }
-    for ax, b in zip(axes, (8, 1)):
-        for (impl, causal), (label, color, ls) in styles.items():
-            for mode, marker in (("fwd", "o"), ("fwd+bwd", "s")):
-                pts = sorted(
-                    (r["N"], _ms(r))
-                    for r in records
-                    if (r["impl"], r["causal"], r["B"], r["mode"]) == (impl, causal, b, mode)
-                    and (impl != "triton" or r["dtype"] == "fp32")
-                )
-                if pts:
-                    alpha = 1.0 if mode == "fwd+bwd" else 0.5
-                    ax.plot(*zip(*pts), color=color, ls=ls, marker=marker, ms=4, alpha=alpha, label=f"{label} {mode}")
-        ns = sorted({r["N"] for r in records if r["B"] == b})
-        ref = ns and _get(records, impl="triton", causal=True, B=b, mode="fwd+bwd", N=ns[-1], dtype="fp32")
-        if ref:
-            ax.plot(ns, [_ms(ref) * n / ns[-1] for n in ns], color="0.6", lw=0.8, label="slope 1 (linear in N)")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("N (sequence length)")
-        ax.set_title(f"B = {b}")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("ms (CUDA-graph replay; eager where not captured)")
-    axes[1].legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"BK-core vs causal attention, {info['device_name']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

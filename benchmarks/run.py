@@ -3,38 +3,10 @@
     python -m benchmarks.run benchmarks/specs/lm_compare.yaml               # results into benchmarks/results/
     python -m benchmarks.run benchmarks/specs/lm_compare.yaml --smoke       # tiny CPU check into runs/bench_smoke/
     python -m benchmarks.run SPEC --only resnet_bk --out DIR                # some runs, elsewhere
-    python -m benchmarks.run SPEC --check                                   # build every run, train nothing
     python -m benchmarks.run SPEC --commit SHA                              # record SHA as the code's commit
 
 A spec (YAML, benchmarks/specs/) names runs; each run is `lightning fit --config C [--key value]...`
-built with resnet_bk.cli.build, so the LightningModule, data module, optimizer and schedule are
-exactly those of the command line. Spec keys (only `runs` is required):
-    description   one line for the table's title
-    runs          list of {name, config (path or list), overrides {dotted.key: value}, seeds, meta {...}}
-    overrides     applied to every run before its own ({"trainer.max_epochs": 6, "model.init_args.lr": 2e-3})
-    seeds         [1234]: each run once per seed (--seed_everything)
-    budget        {steps: N} | {epochs: E} | {seconds: S}: trainer.max_steps / max_epochs / S seconds of
-                  training steps (callbacks.TrainTimeBudget: warm-up and validation not charged, the LR
-                  cosine over the budget's time, so each run decays fully however fast its steps are)
-    measure       what to measure after training: any of val_ppl, test_ppl (whole split, one device),
-                  infer_tokens_per_s (eval forwards at each batch size), flops_per_token (executed, counted).
-                  Always recorded: training tokens/s and step time (callbacks.Throughput), peak memory and
-                  GPU busy (CUDA), and the curve of val ppl at every validation of the fit against steps,
-                  tokens and training seconds
-    infer_batch_sizes [1, 8, 64];  warmup_steps: training batches left out of tokens/s (default 10)
-    parallel      K > 1: K runs at once in separate processes (equal-token runs only: their timings are
-                  not comparable and the table says so); runs with trainer.devices > 1 always get a process
-    baseline      a run name: the table adds each run's ratio to it
-    columns       extra table columns: dotted paths into a record, e.g. val_metrics.val/stats/sparsity
-    figures       [{file, kind: scatter|curve, x, y, runs (optional subset), logx}]
-    cumulative    {techniques_key: techniques, max_ppl_ratio: 1.05}: step6-style best combination
-    smoke         extra overrides under --smoke (after the runner's own tiny CPU settings)
-
-Outputs in --out: <spec>.json (device, torch, git commit, command, and one record per run and seed),
-<spec>.md (the table, with the command that makes it) and the figures. They are rewritten after
-every run, so a cut-off run keeps what finished. Lightning's logs and checkpoints go to
-runs/bench/<spec>/<run>/ (TensorBoard). The git commit is the checkout's HEAD ("-dirty" with
-uncommitted changes), or the one --commit states (for a copy of the code whose .git is another commit).
+built with resnet_bk.cli.build. The spec keys and the outputs are described in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -65,22 +37,9 @@ from resnet_bk.cli import build
 from resnet_bk.models import count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC_KEYS = {
-    "description",
-    "runs",
-    "overrides",
-    "seeds",
-    "budget",
-    "measure",
-    "infer_batch_sizes",
-    "warmup_steps",
-    "parallel",
-    "baseline",
-    "columns",
-    "figures",
-    "cumulative",
-    "smoke",
-}
+# The keys of a spec (docs/benchmarks.md): what runs and how, then what is measured and reported.
+SPEC_KEYS = {"description", "runs", "overrides", "seeds", "budget", "parallel", "smoke"}
+SPEC_KEYS |= {"measure", "infer_batch_sizes", "warmup_steps", "baseline", "columns", "figures", "cumulative"}
 RUN_KEYS = {"name", "config", "overrides", "seeds", "meta"}
 MEASURES = {"val_ppl", "test_ppl", "infer_tokens_per_s", "flops_per_token"}
 # --smoke: every run on a CPU in seconds (2 steps of 2 x 16 tokens, 1 evaluation batch, small inference batches).
@@ -184,21 +143,10 @@ def jobs(spec: dict, smoke: bool, runs_root: Path) -> list[dict]:
             for key, value in overrides.items():
                 args += [f"--{key}", _cli_value(value)]
             command = "lightning fit " + " ".join(shlex.quote(a.replace(str(ROOT) + os.sep, "")) for a in args)
-            args += [
-                "--trainer.default_root_dir",
-                str(runs_root),
-                "--trainer.logger",
-                json.dumps(
-                    {
-                        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                        "init_args": {"save_dir": str(runs_root), "name": label, "default_hp_metric": False},
-                    }
-                ),
-                "--trainer.enable_progress_bar",
-                "false",
-                "--trainer.enable_model_summary",
-                "false",
-            ]
+            logger = {"save_dir": str(runs_root), "name": label, "default_hp_metric": False}
+            logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": logger}
+            args += ["--trainer.default_root_dir", str(runs_root), "--trainer.logger", json.dumps(logger)]
+            args += ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
             out.append(
                 {
                     "name": run["name"],
@@ -429,18 +377,10 @@ def _fmt(mean: float | None, sd: float | None) -> str:
     return text + (f" ± {sd:,.{digits}f}" if sd is not None else "")
 
 
-def columns(report: dict, spec: dict) -> list[tuple[str, str]]:
+def columns(report: dict, spec: dict) -> list[tuple[str, str, float]]:
     """(header, record key, divisor) of the table's columns that some record holds."""
-    cols = [
-        ("params", "params"),
-        ("steps", "steps"),
-        ("tokens", "tokens"),
-        ("fit s", "wall_s"),
-        ("val ppl", "val_ppl"),
-        ("test ppl", "test_ppl"),
-        ("train tok/s", "train_tokens_per_s"),
-        ("step ms", "step_ms"),
-    ]
+    cols = [("params", "params"), ("steps", "steps"), ("tokens", "tokens"), ("fit s", "wall_s"), ("val ppl", "val_ppl")]
+    cols += [("test ppl", "test_ppl"), ("train tok/s", "train_tokens_per_s"), ("step ms", "step_ms")]
     sizes = sorted({b for r in report["records"] for b in r.get("infer_tokens_per_s", {})}, key=int)
     cols += [(f"infer tok/s B={b}", f"infer_tokens_per_s.{b}") for b in sizes]
     cols += [("MFLOP/token (body)", "flops_per_token_body"), ("peak GB", "peak_mem_gb"), ("GPU busy", "gpu_busy")]
@@ -571,11 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     p.add_argument("spec", nargs="?", help="a YAML spec, e.g. benchmarks/specs/lm_compare.yaml")
     p.add_argument("--smoke", action="store_true", help="tiny CPU runs that check the spec in about a minute")
-    p.add_argument(
-        "--out", help="folder for <spec>.json/.md/.png (default benchmarks/results; smoke: runs/bench_smoke)"
-    )
+    p.add_argument("--out", help="output folder (default benchmarks/results; --smoke: runs/bench_smoke)")
     p.add_argument("--only", nargs="+", help="run only these run names")
-    p.add_argument("--check", action="store_true", help="build every run (configs + overrides), train nothing")
     p.add_argument("--commit", help="the git commit to record (SHA), e.g. where the checkout's .git is not the code's")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # a job file: run it, write <job>.result.json
     args = p.parse_args(argv)
@@ -590,12 +527,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.commit is not None and not re.fullmatch(r"[0-9a-f]{7,40}", args.commit):
         p.error(f"--commit {args.commit!r} is not a commit SHA; pass the hex of `git rev-parse HEAD`")
     try:
-        if args.check:
-            spec = load_spec(args.spec)
-            for job in jobs(spec, args.smoke, Path("/tmp") / "bench_check"):
-                build(job["args"])
-                print(f"ok  {job['label']}: {job['command']}")
-            return 0
         report = run_spec(args.spec, smoke=args.smoke, out=args.out, only=args.only, commit=args.commit)
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)

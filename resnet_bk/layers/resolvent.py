@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
 import torch
 
 from resnet_bk.bk_core import green_diagonal, laplacian_couplings
+from resnet_bk.config_of import config_of
 
 Couplings = Literal["laplacian", "input"]
 Gate = Literal["none", "sigmoid", "silu"]
@@ -84,18 +85,7 @@ class ResolventConfig:
     def of(cls, value: Union["ResolventConfig", Mapping[str, Any], None]) -> "ResolventConfig":
         """The config itself, the defaults for None, or one built from a mapping (a YAML block read
         without the CLI, e.g. {"channels": 16})."""
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, Mapping):
-            unknown = sorted(set(value) - {f.name for f in fields(cls)})
-            if unknown:
-                raise ValueError(
-                    f"ResolventConfig: unknown option(s) {unknown}; the options are {[f.name for f in fields(cls)]}."
-                )
-            return cls(**value)
-        raise ValueError(f"ResolventConfig: expected a ResolventConfig or a mapping, got {type(value).__name__}.")
+        return config_of(cls, value)
 
     @property
     def z_is_constant(self) -> bool:

@@ -254,7 +254,7 @@ def test_typo_in_a_network_config_key_names_the_nearest_field(tmp_path, capsys):
 
 
 def test_a_shared_key_outside_the_network_config_names_its_place(capsys):
-    line = fails(capsys, "fit", "--config", QUICKSTART, "--model.init_args.network.init_args.config.d_model", "32")
+    line = fails(capsys, "fit", "--config", QUICKSTART, "--model.init_args.network.init_args.d_model", "32")
     assert "'d_model' is not accepted; did you mean config.d_model?" in line
 
 

@@ -24,7 +24,8 @@ from resnet_bk.models.resnet_bk_lm import ResNetBKLM
 class ACTResNetBKLM(ResNetBKLM):
     """input_ids (B, N) -> LMOutput(logits (B, N, V), aux_losses, stats).
 
-    Args: those of ResNetBKLM (vocab_size, config), and
+    Args:
+        vocab_size, config: as for ResNetBKLM.
         act_threshold: a position halts once its cumulative halting probability reaches this.
         halt_bias_init: initial bias of the halting units (1.0: every position takes 2 layers at
             initialisation, as in Universal Transformers; negative: all layers at first).

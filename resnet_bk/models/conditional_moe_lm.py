@@ -25,7 +25,8 @@ from resnet_bk.models.resnet_bk_lm import ResNetBKLM
 class ConditionalMoELM(ResNetBKLM):
     """input_ids (B, N) -> LMOutput; ResNetBKLM with top-p routed experts (see the module docstring).
 
-    Args (besides ResNetBKLM's vocab_size and config, whose top_k stays 1: routing is by top_p):
+    Args:
+        vocab_size, config: as for ResNetBKLM; config.top_k stays 1 (routing is by top_p).
         top_p: a token takes its most probable experts until their router probabilities sum to
             top_p ...
         min_experts, max_experts: ... but at least min_experts and at most max_experts (default

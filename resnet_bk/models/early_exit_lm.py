@@ -56,7 +56,8 @@ class EarlyExitOutput(LMOutput):
 class EarlyExitLM(ResNetBKLM):
     """input_ids (B, N) -> EarlyExitOutput; ResNetBKLM with early exit (see the module docstring).
 
-    Args (besides ResNetBKLM's vocab_size and config):
+    Args:
+        vocab_size, config: as for ResNetBKLM.
         exit_threshold: confidence at which a position exits; None: never (the training module
             calibrates it with set_exit_threshold; the `exit_threshold` and `exit_enabled` buffers
             keep it in checkpoints).

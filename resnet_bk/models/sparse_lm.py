@@ -57,7 +57,8 @@ def _reinit(model: nn.Module, blocks: nn.Module) -> None:
 class SparseResNetBKLM(ResNetBKLM):
     """input_ids (B, N) -> LMOutput; ResNetBKLM with SparseResNetBKBlocks.
 
-    Args: those of ResNetBKLM (vocab_size, config; config.causal must be True), and
+    Args:
+        vocab_size, config: as for ResNetBKLM; config.causal must be True.
         target_sparsity: fraction of positions each layer skips, in [0, 1); 0 is the dense model.
         core: "reduced" (resolvent at length K) or "full" (length N); the same values.
         predictor_kernel, interp_kernel: widths of the causal convolutions.

@@ -50,7 +50,7 @@ class ConditionalMoELM(ResNetBKLM):
             )
         # Build the plain model with one expert per layer (cheap), then swap in the routed MoE.
         super().__init__(vocab_size, replace(config, num_experts=1))
-        self.config = config
+        self.config = config  # what was asked for, not the one-expert stand-in
         c = config
         for block in self.blocks:
             moe = ConditionalMoEFeedForward(

@@ -47,7 +47,7 @@ def build_module(model: str, n: int, compile_mode, extra=()):
     args = [
         "--config",
         CONFIGS[model],
-        "--model.init_args.network.init_args.max_seq_len",
+        "--model.init_args.network.init_args.config.max_seq_len",
         str(n),
         "--model.init_args.compile",
         str(compile_mode).lower() if isinstance(compile_mode, bool) else compile_mode,

@@ -119,9 +119,10 @@ class LanguageModel(L.LightningModule):
 
     Args:
         network: a factory called as network(vocab_size) that returns the model, e.g. the class
-            resnet_bk.models.ResNetBKLM or functools.partial(ResNetBKLM, d_model=64). In a config it
-            is a class_path/init_args block without vocab_size, and --help lists the project's
-            networks (TiedEmbeddingLM's subclasses); in Python any nn.Module of that forward works.
+            resnet_bk.models.ResNetBKLM or functools.partial(ResNetBKLM, config=BKConfig(d_model=64)).
+            In a config it is a class_path/init_args block without vocab_size (the shared
+            hyperparameters under init_args.config), and --help lists the project's networks
+            (TiedEmbeddingLM's subclasses); in Python any nn.Module of that forward works.
         vocab_size: from the data module (the CLI links data.vocab_size to it).
         lr: peak learning rate.
         weight_decay: AdamW weight decay on matrices; biases, norms and embeddings get none.
@@ -418,7 +419,7 @@ class LanguageModel(L.LightningModule):
         if seq_len is not None and max_len is not None and seq_len > max_len:
             raise ValueError(
                 f"data seq_len {seq_len} exceeds the network's max_seq_len {max_len}: lower "
-                f"--data.init_args.seq_len or raise --model.init_args.network.init_args.max_seq_len to >= {seq_len}"
+                f"--data.init_args.seq_len or raise --model.init_args.network.init_args.config.max_seq_len to >= {seq_len}"
             )
 
     def compile_loss(self) -> None:

@@ -6,15 +6,18 @@
   `.inf`, `-.inf`, so that they reach the classes as floats and are refused there by name
   ("lr must be a finite positive number, got nan") instead of as "not a float".
 - `nearest_key_hint(message, option_strings)`: for a jsonargparse "not accepted / unrecognized"
-  message, "; did you mean lr?" with the closest valid key, else "".
+  message, "; did you mean lr?" with the closest valid key (a class's init arguments and the
+  fields of its option blocks, e.g. config.d_model), else "".
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import inspect
 import re
+import typing
 from pathlib import Path
 
 import yaml
@@ -93,25 +96,63 @@ def yaml_spelling_of_nonfinite(args: list[str]) -> list[str]:
 
 def nearest_key_hint(message: str, option_strings: list[str]) -> str:
     """ "; did you mean X?" for an unknown key named in a jsonargparse error `message`, else ""."""
+    classes = re.findall(r"class_path[ =]'([\w.]+)'", message)  # the innermost class is the last one named
     unknown = re.search(r"Option '([\w.]+)' is not accepted", message)
-    if unknown:  # an init arg of a class: the innermost class_path the message names
-        classes = re.findall(r"class_path[ =]'([\w.]+)'", message)
-        candidates = init_parameter_names(classes[-1]) if classes else []
-        key = unknown.group(1)
-    else:
-        unknown = re.search(r"[Uu]nrecognized arguments: (--[\w.]+)", message) or re.search(
-            r"does not accept option '([\w.]+)'", message
-        )
-        if not unknown:
-            return ""
-        key = unknown.group(1).removeprefix("--")
-        candidates = [s.removeprefix("--") for s in option_strings if s.startswith("--")]
-        if "." in key:  # compare within the same section first (trainer.max_stesp -> trainer.max_steps)
-            section = key.split(".", 1)[0] + "."
-            same = [c for c in candidates if c.startswith(section)]
-            candidates = same or candidates
+    group = re.search(r"Group '([\w.]+)' does not accept option '([\w.]+)'", message)
+    flag = re.search(r"[Uu]nrecognized arguments: --([\w.]+)", message)
+    match = None
+    if classes and (unknown or group or flag):  # an init arg of a class, or a field of one of its option blocks
+        key = unknown.group(1) if unknown else f"{group.group(1)}.{group.group(2)}" if group else flag.group(1)
+        match = _closest(key, option_names(classes[-1]))
+    if match is None and (group or flag):
+        key = group.group(2) if group else flag.group(1)
+        match = _closest(key, [s.removeprefix("--") for s in option_strings if s.startswith("--")])
+    return f"; did you mean {match}?" if match else ""
+
+
+def _closest(key: str, candidates: list[str]) -> str | None:
+    """The candidate nearest to `key`: within key's own section first (trainer.max_stesp ->
+    trainer.max_steps), else anywhere; a key given outside its block matches by name (d_model ->
+    config.d_model)."""
+    if "." in key:
+        section = key.rsplit(".", 1)[0] + "."
+        candidates = [c for c in candidates if c.startswith(section)] or candidates
     match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
-    return f"; did you mean {match[0]}?" if match else ""
+    if not match and "." not in key:
+        match = [c for c in candidates if c.rsplit(".", 1)[-1] == key]
+    return match[0] if match else None
+
+
+def option_names(class_path: str) -> list[str]:
+    """init_parameter_names of the class, and for each argument typed as a dataclass (an option block
+    such as BKConfig) its fields as "argument.field", recursively."""
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+        hints = {}
+        for klass in reversed(getattr(cls, "__mro__", (cls,))):
+            if "__init__" in klass.__dict__:
+                hints.update(typing.get_type_hints(klass.__init__))
+    except Exception:  # noqa: BLE001 - no hint is better than a second error
+        return []
+
+    def fields_of(prefix: str, kind) -> list[str]:
+        if not dataclasses.is_dataclass(kind):
+            return []
+        names = []
+        for f in dataclasses.fields(kind):
+            names += [f"{prefix}.{f.name}", *fields_of(f"{prefix}.{f.name}", hints_of(kind).get(f.name))]
+        return names
+
+    names = init_parameter_names(class_path)
+    return names + [n for arg in names for n in fields_of(arg, hints.get(arg))]
+
+
+def hints_of(kind) -> dict:
+    try:
+        return typing.get_type_hints(kind)
+    except Exception:  # noqa: BLE001
+        return {}
 
 
 def init_parameter_names(class_path: str) -> list[str]:

@@ -1,10 +1,11 @@
 """Command-line overrides that turn any config into a seconds-long CPU fit, for the config tests."""
 
 
-def tiny_fit_args(seq_len: int = 16, **network: object) -> list[str]:
+def tiny_fit_args(seq_len: int = 16, **config: object) -> list[str]:
     """2 optimizer steps and 1 validation batch on CPU, no logger, checkpoints or progress bar,
-    windows of `seq_len` tokens from the first 2,000 training tokens; `network` overrides
-    model.init_args.network.init_args (e.g. d_model=16)."""
+    windows of `seq_len` tokens from the first 2,000 training tokens; `config` overrides
+    model.init_args.network.init_args.config, the network's shared hyperparameters (e.g. d_model=16,
+    **{"resolvent.channels": 2})."""
     args = [
         "--trainer.max_steps",
         "2",
@@ -35,6 +36,6 @@ def tiny_fit_args(seq_len: int = 16, **network: object) -> list[str]:
         "--data.init_args.max_train_tokens",
         "2000",
     ]
-    for key, value in network.items():
-        args += [f"--model.init_args.network.init_args.{key}", str(value)]
+    for key, value in config.items():
+        args += [f"--model.init_args.network.init_args.config.{key}", str(value)]
     return args

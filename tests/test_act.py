@@ -10,13 +10,14 @@ import torch.nn.functional as F
 
 from resnet_bk.layers.act import AdaptiveDepth, run_bk_block
 from resnet_bk.models.act_lm import ACTResNetBKLM
+from resnet_bk.models.config import BKConfig
 
 V, D, L = 40, 16, 4
 
 
-def _model(**kw) -> ACTResNetBKLM:
-    kw = {"d_model": D, "n_layers": L, "num_experts": 2, "max_seq_len": 64, **kw}
-    return ACTResNetBKLM(V, **kw)
+def _model(**config) -> ACTResNetBKLM:
+    config = {"d_model": D, "n_layers": L, "num_experts": 2, "max_seq_len": 64, **config}
+    return ACTResNetBKLM(V, BKConfig(**config))
 
 
 def _mixed_halting(model: ACTResNetBKLM, scale: float = 2.0) -> ACTResNetBKLM:
@@ -181,7 +182,7 @@ def test_lightning_module_adds_ponder_and_logs_flops():
 
     torch.manual_seed(0)
     module = LanguageModel(
-        network=partial(ACTResNetBKLM, d_model=D, n_layers=2, num_experts=2, max_seq_len=16),
+        network=partial(ACTResNetBKLM, config=BKConfig(d_model=D, n_layers=2, num_experts=2, max_seq_len=16)),
         vocab_size=V,
         aux_loss_weights={"load_balance": 0.01, "ponder": 0.5},
     )

@@ -16,22 +16,14 @@ from resnet_bk.layers.adaptive_length import (
     segment_pool,
 )
 from resnet_bk.models.adaptive_length_lm import AdaptiveLengthLM
+from resnet_bk.models.config import BKConfig
 
 V, D = 40, 16
 
 
 def _model(**kw):
-    kw = {
-        "d_model": D,
-        "n_pre": 1,
-        "n_inner": 2,
-        "n_post": 1,
-        "num_experts": 2,
-        "max_seq_len": 64,
-        "init_boundary_rate": 0.5,
-        **kw,
-    }
-    return AdaptiveLengthLM(V, **kw)
+    config = BKConfig(d_model=D, n_layers=4, num_experts=2, max_seq_len=64)  # 1 pre, 2 inner, 1 post block
+    return AdaptiveLengthLM(V, config, **{"n_pre": 1, "n_post": 1, "init_boundary_rate": 0.5, **kw})
 
 
 def _perturb(x: torch.Tensor, t: int) -> torch.Tensor:
@@ -174,7 +166,7 @@ def test_config_trains_two_steps_and_logs_compression():
                 *_TINY,
                 "--trainer.default_root_dir",
                 root,
-                "--model.init_args.network.init_args.d_model",
+                "--model.init_args.network.init_args.config.d_model",
                 "16",
             ]
         )

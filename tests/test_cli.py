@@ -15,7 +15,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from lightning_modules import LanguageModel
 from resnet_bk.cli import build, main
-from resnet_bk.models import ResNetBKLM, TransformerLM, count_parameters
+from resnet_bk.models import BKConfig, ResNetBKLM, TransformerLM, count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -64,7 +64,7 @@ def test_build_applies_overrides(tmp_path):
     cli = build([
         "--config", QUICKSTART, "--trainer.default_root_dir", str(tmp_path), *ON_CPU,
         "--model.init_args.lr", "0.0123",
-        "--model.init_args.network.init_args.n_layers", "1",
+        "--model.init_args.network.init_args.config.n_layers", "1",
         "--data.init_args.seq_len", "32",
         "--trainer.max_steps", "7",
     ])  # fmt: skip
@@ -77,7 +77,7 @@ def test_config_may_give_init_args_only_for_the_default_classes(tmp_path):
     config = tmp_path / "short.yaml"
     config.write_text(
         "model:\n  init_args:\n    network:\n      class_path: resnet_bk.models.TransformerLM\n"
-        "      init_args: {d_model: 32, n_layers: 1}\ndata:\n  init_args: {seq_len: 16}\n"
+        "      init_args: {config: {d_model: 32, n_layers: 1}}\ndata:\n  init_args: {seq_len: 16}\n"
     )
     cli = build(["--config", str(config), "--trainer.default_root_dir", str(tmp_path), *ON_CPU])
     assert type(cli.model) is LanguageModel and isinstance(cli.model.model, TransformerLM)
@@ -97,8 +97,8 @@ def test_transformer_config_matches_resnet_bk_parameter_count(built):
 
 def test_fit_learns_then_validate_restores_the_checkpoint(tmp_path):
     tiny = [
-        "--model.init_args.network.init_args.d_model", "32",
-        "--model.init_args.network.init_args.n_layers", "1",
+        "--model.init_args.network.init_args.config.d_model", "32",
+        "--model.init_args.network.init_args.config.n_layers", "1",
         "--model.init_args.warmup_steps", "5",
         "--data.init_args.seq_len", "32",
         "--data.init_args.max_train_tokens", "20000",
@@ -118,7 +118,7 @@ def test_fit_learns_then_validate_restores_the_checkpoint(tmp_path):
     summary = events(run).PluginTagToContent("hparams")["_hparams_/experiment"]
     experiment = plugin_data_pb2.HParamsPluginData.FromString(summary).experiment
     assert "val/ppl" in {m.name.tag for m in experiment.metric_infos}
-    assert {"lr", "network/init_args/d_model", "data/seq_len"} <= {h.name for h in experiment.hparam_infos}
+    assert {"lr", "network/init_args/config/d_model", "data/seq_len"} <= {h.name for h in experiment.hparam_infos}
     config = run / "config.yaml"
     assert "d_model: 32" in config.read_text()
     last = run / "checkpoints" / "last.ckpt"
@@ -190,7 +190,9 @@ def test_a_weight_outside_aux_loss_weights_is_a_one_line_error(capsys):
     assert err.startswith("error:") and "ponder_weight" in err and len(err.splitlines()) == 1, err
     with pytest.raises(ValueError, match=r"aux_loss_weights\['ponder'\] must be a finite number >= 0"):
         LanguageModel(
-            network=lambda v: ResNetBKLM(v, d_model=8, n_layers=1), vocab_size=10, aux_loss_weights={"ponder": -1.0}
+            network=lambda v: ResNetBKLM(v, BKConfig(d_model=8, n_layers=1)),
+            vocab_size=10,
+            aux_loss_weights={"ponder": -1.0},
         )
 
 
@@ -208,4 +210,4 @@ def test_help_names_the_model_and_data_options_and_lists_only_the_projects_netwo
     assert "--model.lr" in model_help and "resnet_bk.models.ResNetBKLM" in model_help
     assert "torch.nn" not in model_help and len(model_help.splitlines()) < 100
     network_help = help_page(capsys, "fit", "--model.init_args.network.help", "ResNetBKLM")
-    assert "--network.d_model" in network_help and "--network.num_experts" in network_help
+    assert "--network.config.d_model" in network_help and "--network.config.num_experts" in network_help

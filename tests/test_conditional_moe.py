@@ -11,22 +11,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from resnet_bk.layers.conditional_moe import ConditionalMoEFeedForward, top_p_expert_mask
 from resnet_bk.models.conditional_moe_lm import ConditionalMoELM
+from resnet_bk.models.config import BKConfig
 
 V, D = 40, 16
 
 
 def _model(**kw):
-    kw = {
-        "d_model": D,
-        "n_layers": 2,
-        "num_experts": 4,
-        "top_p": 0.6,
-        "min_experts": 1,
-        "max_experts": 3,
-        "max_seq_len": 64,
-        **kw,
-    }
-    return ConditionalMoELM(V, **kw)
+    config = BKConfig(d_model=D, n_layers=2, num_experts=4, max_seq_len=64)
+    return ConditionalMoELM(V, config, **{"top_p": 0.6, "min_experts": 1, "max_experts": 3, **kw})
 
 
 def _perturb(x: torch.Tensor, t: int) -> torch.Tensor:
@@ -124,9 +116,9 @@ def test_config_trains_two_steps():
                 *_TINY,
                 "--trainer.default_root_dir",
                 root,
-                "--model.init_args.network.init_args.d_model",
+                "--model.init_args.network.init_args.config.d_model",
                 "16",
-                "--model.init_args.network.init_args.n_layers",
+                "--model.init_args.network.init_args.config.n_layers",
                 "2",
             ]
         )

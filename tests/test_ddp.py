@@ -15,9 +15,10 @@ import torch.multiprocessing as mp
 
 from datamodules import WikiTextDataModule
 from lightning_modules.language_model import LanguageModel
-from resnet_bk.models import ResNetBKLM
+from resnet_bk.models import BKConfig, ResNetBKLM
 
-NET = partial(ResNetBKLM, d_model=16, n_layers=1, num_experts=1, max_seq_len=8, dropout=0.0)  # deterministic
+# dropout 0: deterministic
+NET = partial(ResNetBKLM, config=BKConfig(d_model=16, n_layers=1, num_experts=1, max_seq_len=8, dropout=0.0))
 STEPS = 6
 
 

@@ -11,13 +11,14 @@ from fit_args import tiny_fit_args
 
 from lightning_modules.early_exit import EarlyExitLanguageModel
 from resnet_bk.layers.early_exit import calibrate_threshold, confidence, exit_outcomes
+from resnet_bk.models.config import BKConfig
 from resnet_bk.models.early_exit_lm import EarlyExitLM
 
 V, D, L = 40, 16, 3
 
 
 def _model(**kw):
-    return EarlyExitLM(V, d_model=D, n_layers=L, num_experts=2, max_seq_len=64, **kw)
+    return EarlyExitLM(V, BKConfig(d_model=D, n_layers=L, num_experts=2, max_seq_len=64), **kw)
 
 
 def _perturb(x: torch.Tensor, t: int) -> torch.Tensor:
@@ -179,9 +180,9 @@ def test_config_trains_two_steps_and_logs_the_cost_of_exiting():
                 *_TINY,
                 "--trainer.default_root_dir",
                 root,
-                "--model.init_args.network.init_args.d_model",
+                "--model.init_args.network.init_args.config.d_model",
                 "16",
-                "--model.init_args.network.init_args.n_layers",
+                "--model.init_args.network.init_args.config.n_layers",
                 "2",
                 "--model.init_args.max_disagreement",
                 "1.0",
@@ -206,8 +207,8 @@ def test_a_run_without_validation_ends_with_a_usable_checkpoint(tmp_path):
         "--config", "configs/early_exit.yaml", "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
         "--data.init_args.seq_len", "16", "--data.init_args.batch_size", "2", "--data.init_args.max_train_tokens", "2000",
-        "--data.init_args.num_workers", "0", "--model.init_args.network.init_args.d_model", "16",
-        "--model.init_args.network.init_args.n_layers", "2", "--trainer.default_root_dir", str(tmp_path),
+        "--data.init_args.num_workers", "0", "--model.init_args.network.init_args.config.d_model", "16",
+        "--model.init_args.network.init_args.config.n_layers", "2", "--trainer.default_root_dir", str(tmp_path),
     ]  # fmt: skip
     assert main(["fit", *args, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0"]) == 0
     (last,) = tmp_path.rglob("last.ckpt")

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 SMALL = [
     "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--data.init_args.num_workers", "0",
-    "--model.init_args.network.init_args.d_model", "16", "--model.init_args.network.init_args.n_layers", "1",
+    "--model.init_args.network.init_args.config.d_model", "16", "--model.init_args.network.init_args.config.n_layers", "1",
     "--data.init_args.seq_len", "16", "--data.init_args.max_train_tokens", "400", "--trainer.max_steps", "2",
     "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false",
     "--trainer.enable_model_summary", "false",
@@ -100,7 +100,7 @@ def test_checkpoint_of_another_architecture_or_vocabulary(trained, tmp_path, cap
     before = tree_digest(run)
     root = ["--trainer.default_root_dir", str(tmp_path)]
     line = fails(capsys, "validate", "--config", QUICKSTART, *SMALL, *root, "--ckpt_path", str(ckpt),
-                 "--model.init_args.network.init_args.d_model", "32")  # fmt: skip
+                 "--model.init_args.network.init_args.config.d_model", "32")  # fmt: skip
     assert "architecture does not match" in line and "(16,) in the checkpoint, (32,) configured" in line
     assert "config.yaml beside its checkpoints" in line
 
@@ -119,11 +119,14 @@ def test_missing_checkpoint_file(tmp_path, capsys):
 def test_seq_len_above_the_models_maximum(tmp_path, capsys):
     line = fails(capsys, "fit", "--config", QUICKSTART, *SMALL, "--trainer.default_root_dir", str(tmp_path),
                  "--data.init_args.seq_len", "128")  # quickstart's max_seq_len is 64  # fmt: skip
-    assert "seq_len 128 exceeds the network's max_seq_len 64" in line and "max_seq_len to >= 128" in line
+    assert "seq_len 128 exceeds the network's max_seq_len 64" in line
+    assert "network.init_args.config.max_seq_len to >= 128" in line
 
 
 def test_im_z_not_positive(capsys):
-    line = fails(capsys, "fit", "--config", QUICKSTART, "--model.init_args.network.init_args.resolvent.z_imag", "0.0")
+    line = fails(
+        capsys, "fit", "--config", QUICKSTART, "--model.init_args.network.init_args.config.resolvent.z_imag", "0.0"
+    )
     assert "Im z must be > 0" in line
 
 
@@ -234,9 +237,30 @@ def test_typo_in_a_model_key_names_the_nearest_key(capsys):
 
 def test_typo_in_a_network_key_names_the_nearest_key(tmp_path, capsys):
     typo = tmp_path / "typo.yaml"
-    typo.write_text("model:\n  init_args:\n    network:\n      init_args:\n        d_modle: 64\n")
+    typo.write_text("model:\n  init_args:\n    network:\n      init_args:\n        hierarchcal: true\n")
+    line = fails(capsys, "fit", "--config", str(ROOT / "configs" / "multiscale.yaml"), "--config", str(typo))
+    assert "'hierarchcal' is not accepted; did you mean hierarchical?" in line and "Namespace(" not in line
+
+
+def test_typo_in_a_network_config_key_names_the_nearest_field(tmp_path, capsys):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model:\n  init_args:\n    network:\n      init_args:\n        config:\n          d_modle: 64\n")
     line = fails(capsys, "fit", "--config", QUICKSTART, "--config", str(typo))
-    assert "'d_modle' is not accepted; did you mean d_model?" in line and "Namespace(" not in line
+    assert "does not accept option 'd_modle'; did you mean config.d_model?" in line and "Namespace(" not in line
+    line = fails(
+        capsys, "fit", "--config", QUICKSTART, "--model.init_args.network.init_args.config.resolvent.chanels", "4"
+    )
+    assert "did you mean config.resolvent.channels?" in line
+
+
+def test_a_shared_key_outside_the_network_config_names_its_place(capsys):
+    line = fails(capsys, "fit", "--config", QUICKSTART, "--model.init_args.network.init_args.d_model", "32")
+    assert "'d_model' is not accepted; did you mean config.d_model?" in line
+
+
+def test_network_config_value_out_of_range(capsys):
+    line = fails(capsys, "fit", "--config", QUICKSTART, "--model.init_args.network.init_args.config.top_k", "3")
+    assert "BKConfig: top_k must be an integer in 1..num_experts=2, got 3" in line
 
 
 def test_typo_in_a_trainer_flag_names_the_nearest_key(capsys):
@@ -255,5 +279,5 @@ def test_failed_resume_leaves_the_run_as_it_was(trained, capsys):
     run, ckpt = trained
     before = tree_digest(run)
     fails(capsys, "fit", "--config", QUICKSTART, *SMALL, "--ckpt_path", str(ckpt),
-          "--model.init_args.network.init_args.d_model", "32")  # fmt: skip
+          "--model.init_args.network.init_args.config.d_model", "32")  # fmt: skip
     assert tree_digest(run) == before  # no config.resumed_at_step2.yaml, no new event file

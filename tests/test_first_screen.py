@@ -36,8 +36,8 @@ def test_tqdm_bar_counts_steps_across_epochs(tmp_path, capsys):
     from resnet_bk.cli import build
 
     cli = build(["--config", str(ROOT / "configs" / "quickstart.yaml"), "--trainer.accelerator", "cpu",
-                 "--data.init_args.num_workers", "0", "--model.init_args.network.init_args.d_model", "16",
-                 "--model.init_args.network.init_args.n_layers", "1", "--data.init_args.seq_len", "16",
+                 "--data.init_args.num_workers", "0", "--model.init_args.network.init_args.config.d_model", "16",
+                 "--model.init_args.network.init_args.config.n_layers", "1", "--data.init_args.seq_len", "16",
                  "--data.init_args.batch_size", "1", "--data.init_args.max_train_tokens", "65",
                  "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
     trainer = L.Trainer(accelerator="cpu", max_steps=6, limit_val_batches=0, logger=False, enable_checkpointing=False,

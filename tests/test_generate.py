@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from resnet_bk.generate import sample
-from resnet_bk.models import ResNetBKLM
+from resnet_bk.models import BKConfig, ResNetBKLM
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return ResNetBKLM(50, d_model=16, n_layers=1, num_experts=2, max_seq_len=8)
+    return ResNetBKLM(50, BKConfig(d_model=16, n_layers=1, num_experts=2, max_seq_len=8))
 
 
 def test_greedy_is_argmax(model):

@@ -19,11 +19,12 @@ from torch.utils.data import DataLoader
 from lightning_modules.gradient_cache_store import GradientCache
 from lightning_modules.gradient_caching_module import GradientCachingLanguageModel
 from lightning_modules.language_model import LanguageModel
-from resnet_bk.models import ResNetBKLM
+from resnet_bk.models import BKConfig, ResNetBKLM
 
 V = 40
-NET = partial(ResNetBKLM, d_model=16, n_layers=1, num_experts=2, max_seq_len=16)
-NET_DENSE = partial(ResNetBKLM, d_model=16, n_layers=1, num_experts=1, max_seq_len=16)  # DDP: every parameter used
+NET = partial(ResNetBKLM, config=BKConfig(d_model=16, n_layers=1, num_experts=2, max_seq_len=16))
+# one expert: DDP needs every parameter used
+NET_DENSE = partial(ResNetBKLM, config=BKConfig(d_model=16, n_layers=1, num_experts=1, max_seq_len=16))
 
 
 def make_batches(n, b=3, n_seq=8, seed=0):

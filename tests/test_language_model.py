@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from lightning_modules import LanguageModel
 from lightning_modules.language_model import warmup_cosine
-from resnet_bk.models import LMOutput, ResNetBKLM
+from resnet_bk.models import BKConfig, LMOutput, ResNetBKLM
 
 V = 11
 
@@ -185,7 +185,9 @@ def test_lr_follows_the_schedule_per_step_during_fit():
 
 
 def test_no_weight_decay_on_biases_norms_and_tied_embeddings():
-    model = LanguageModel(network=partial(ResNetBKLM, d_model=16, n_layers=1), vocab_size=V, weight_decay=0.3)
+    model = LanguageModel(
+        network=partial(ResNetBKLM, config=BKConfig(d_model=16, n_layers=1)), vocab_size=V, weight_decay=0.3
+    )
     model.trainer = trainer(max_steps=10)
     optimizer = model.configure_optimizers()["optimizer"]
     decay, no_decay = optimizer.param_groups

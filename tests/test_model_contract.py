@@ -6,6 +6,7 @@
   in train mode with dropout 0.1 (the RNG re-seeded before each pass: noise drawn per position does
   not move, noise drawn for data-dependently gathered rows would);
 - generation through resnet_bk.generate.sample (greedy = argmax of the model's own next-token logits);
+- one config: the same BKConfig builds every model, and its shared fields are what the model is;
 - state_dict round trip: a fresh instance loaded from the state dict gives the same logits;
 - gradient flow: a train-mode loss (CE + aux losses) gives every parameter a gradient, except those
   listed in NO_GRADIENT with the reason.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+from dataclasses import replace
 from functools import partial
 
 import pytest
@@ -24,36 +26,43 @@ import torch.nn.functional as F
 
 import resnet_bk.models as models_package
 from resnet_bk.generate import sample
+from resnet_bk.layers.bk_layer import ResNetBKBlock
+from resnet_bk.layers.multiscale import MLPRefine
 from resnet_bk.models.act_lm import ACTResNetBKLM
 from resnet_bk.models.act_multiscale_lm import ACTMultiScaleLM
 from resnet_bk.models.adaptive_length_lm import AdaptiveLengthLM
 from resnet_bk.models.base import TiedEmbeddingLM
 from resnet_bk.models.conditional_moe_lm import ConditionalMoELM
+from resnet_bk.models.config import BKConfig, ModelConfig
 from resnet_bk.models.early_exit_lm import EarlyExitLM
 from resnet_bk.models.multiscale_lm import MultiScaleLM
 from resnet_bk.models.output import LMOutput
 from resnet_bk.models.resnet_bk_lm import ResNetBKLM
 from resnet_bk.models.sparse_lm import MultiScaleSparseLM, SparseResNetBKLM
+from resnet_bk.models.transformer_lm import Block as TransformerBlock
 from resnet_bk.models.transformer_lm import TransformerLM
 
 V, D, MAX_LEN, N = 40, 16, 32, 20
-COMMON = {"d_model": D, "max_seq_len": MAX_LEN}
 
-#: name -> factory(dropout) of a tiny instance; every model class of resnet_bk/models appears here.
+
+def tiny(n_layers: int, **fields) -> BKConfig:
+    return BKConfig(**{"d_model": D, "n_layers": n_layers, "num_experts": 2, "max_seq_len": MAX_LEN, **fields})
+
+
+#: name -> factory of a tiny instance (its config's dropout set by build); every model class of
+#: resnet_bk/models appears here.
 MODELS = {
-    "resnet_bk": partial(ResNetBKLM, V, n_layers=2, num_experts=2, **COMMON),
-    "transformer": partial(TransformerLM, V, n_layers=2, n_heads=2, **COMMON),
-    "act": partial(ACTResNetBKLM, V, n_layers=3, num_experts=2, halt_bias_init=0.0, **COMMON),
-    "act_multiscale": partial(ACTMultiScaleLM, V, n_blocks=2, num_experts=2, halt_bias_init=0.0, **COMMON),
-    "adaptive_length": partial(
-        AdaptiveLengthLM, V, n_pre=1, n_inner=1, n_post=1, num_experts=2, prior_rate=0.25, **COMMON
-    ),
-    "conditional_moe": partial(ConditionalMoELM, V, n_layers=2, num_experts=3, top_p=0.5, max_experts=2, **COMMON),
-    "early_exit": partial(EarlyExitLM, V, n_layers=3, num_experts=2, **COMMON),
-    "multiscale": partial(MultiScaleLM, V, n_blocks=1, num_experts=2, **COMMON),
-    "multiscale_hierarchical": partial(MultiScaleLM, V, n_blocks=1, hierarchical=True, num_experts=2, **COMMON),
-    "sparse": partial(SparseResNetBKLM, V, n_layers=2, num_experts=2, **COMMON),
-    "multiscale_sparse": partial(MultiScaleSparseLM, V, n_blocks=1, num_experts=2, **COMMON),
+    "resnet_bk": partial(ResNetBKLM, V, config=tiny(2)),
+    "transformer": partial(TransformerLM, V, config=ModelConfig(d_model=D, n_layers=2, max_seq_len=MAX_LEN), n_heads=2),
+    "act": partial(ACTResNetBKLM, V, config=tiny(3), halt_bias_init=0.0),
+    "act_multiscale": partial(ACTMultiScaleLM, V, config=tiny(4), halt_bias_init=0.0),
+    "adaptive_length": partial(AdaptiveLengthLM, V, config=tiny(3), n_pre=1, n_post=1, prior_rate=0.25),
+    "conditional_moe": partial(ConditionalMoELM, V, config=tiny(2, num_experts=3), top_p=0.5, max_experts=2),
+    "early_exit": partial(EarlyExitLM, V, config=tiny(3)),
+    "multiscale": partial(MultiScaleLM, V, config=tiny(2)),
+    "multiscale_hierarchical": partial(MultiScaleLM, V, config=tiny(4), hierarchical=True),
+    "sparse": partial(SparseResNetBKLM, V, config=tiny(2)),
+    "multiscale_sparse": partial(MultiScaleSparseLM, V, config=tiny(2)),
 }
 
 #: Parameters that a single train-mode step may leave without a gradient, and why.
@@ -65,7 +74,8 @@ NO_GRADIENT = {
 
 def build(name: str, dropout: float = 0.0, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return MODELS[name](dropout=dropout).double()
+    factory = MODELS[name]
+    return factory(config=replace(factory.keywords["config"], dropout=dropout)).double()
 
 
 def _perturb(x: torch.Tensor, t: int) -> torch.Tensor:
@@ -96,6 +106,21 @@ def test_every_model_class_is_covered():
                 found.add(cls)
     covered = {MODELS[name].func for name in MODELS}
     assert found == covered, f"add to MODELS: {sorted(c.__name__ for c in found - covered)}"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_takes_the_same_config(name):
+    """One BKConfig builds every model class (the Transformer reads its ModelConfig fields) and is
+    what the model is: its width, length, dropout, feed-forward width and n_layers residual blocks."""
+    shared = BKConfig(d_model=24, n_layers=4, d_ff=40, num_experts=2, max_seq_len=12, dropout=0.1)
+    model = MODELS[name](config=shared)
+    assert model.config is shared
+    assert model.tok_emb.weight.shape == (V, 24) and model.pos_emb.num_embeddings == 12 and model.drop.p == 0.1
+    hidden = [p.shape for n, p in model.named_parameters() if n.endswith("c_fc.weight")]
+    assert hidden and all(40 in shape for shape in hidden), hidden
+    residual = (ResNetBKBlock, MLPRefine, TransformerBlock)
+    assert sum(isinstance(m, residual) for m in model.modules()) == 4
+    assert model(torch.randint(0, V, (2, 12))).logits.shape == (2, 12, V)
 
 
 @pytest.mark.parametrize("name", MODELS)

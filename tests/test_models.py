@@ -6,13 +6,15 @@ import pytest
 import torch
 
 from resnet_bk.layers import ResolventConfig
-from resnet_bk.models import ResNetBKLM, TransformerLM
+from resnet_bk.models import BKConfig, ModelConfig, ResNetBKLM, TransformerLM
 
 V, D, MAX_LEN = 50, 16, 64
 
-MODELS = {
-    "resnet_bk": lambda **kw: ResNetBKLM(V, d_model=D, n_layers=2, num_experts=4, max_seq_len=MAX_LEN, **kw),
-    "transformer": lambda **kw: TransformerLM(V, d_model=D, n_layers=2, n_heads=2, max_seq_len=MAX_LEN, **kw),
+MODELS = {  # name -> factory(**config fields)
+    "resnet_bk": lambda **kw: ResNetBKLM(V, BKConfig(d_model=D, n_layers=2, num_experts=4, max_seq_len=MAX_LEN, **kw)),
+    "transformer": lambda **kw: TransformerLM(
+        V, ModelConfig(d_model=D, n_layers=2, max_seq_len=MAX_LEN, **kw), n_heads=2
+    ),
 }
 
 
@@ -35,7 +37,7 @@ def test_bidirectional_core_leaks_the_future():
 
 
 def test_resolvent_bound_and_bad_z():
-    model = ResNetBKLM(V, d_model=D, n_layers=2, resolvent=ResolventConfig(z_imag=2.0))
+    model = ResNetBKLM(V, BKConfig(d_model=D, n_layers=2, resolvent=ResolventConfig(z_imag=2.0)))
     assert float(model(torch.randint(0, V, (2, 9))).stats["g_abs_mean"]) <= 0.5
     for z_imag in (-1.0, 0.0, float("nan")):
         with pytest.raises(ValueError, match="Im z"):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from resnet_bk.layers import BKLayer, MoEFeedForward
 from resnet_bk.layers.conditional_moe import ConditionalMoEFeedForward
 from resnet_bk.layers.moe import GroupedExperts, dispatch, experts_reference
-from resnet_bk.models import ResNetBKLM
+from resnet_bk.models import BKConfig, ResNetBKLM
 
 D = 16
 
@@ -121,7 +121,7 @@ def test_single_expert_is_plain_mlp():
     out, aux, stats = moe(x)
     assert moe.router is None and aux == {} and moe.last_rows_per_expert.tolist() == [14]
     torch.testing.assert_close(out, expert_mlp(moe.experts, 0, x))
-    model = ResNetBKLM(50, d_model=D, n_layers=2, num_experts=1)
+    model = ResNetBKLM(50, BKConfig(d_model=D, n_layers=2, num_experts=1))
     assert model(torch.randint(0, 50, (2, 5))).aux_losses == {}
 
 

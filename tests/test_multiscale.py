@@ -14,6 +14,7 @@ from fit_args import tiny_fit_args
 
 from resnet_bk.layers.multiscale import CausalDownsample, CausalUpsample, pair_any
 from resnet_bk.models.act_multiscale_lm import ACTMultiScaleLM
+from resnet_bk.models.config import BKConfig
 from resnet_bk.models.multiscale_lm import MultiScaleLM
 
 V, D = 40, 16
@@ -29,14 +30,17 @@ def _mixed_halting(model, scale: float = 2.0):
     return model
 
 
+def _config(n_layers: int, num_experts: int = 2) -> BKConfig:
+    """n_layers residual blocks: 2 per simple multi-scale block, 4 per hierarchical one."""
+    return BKConfig(d_model=D, n_layers=n_layers, num_experts=num_experts, max_seq_len=64)
+
+
 MODELS = {
-    "simple": lambda: MultiScaleLM(V, d_model=D, n_blocks=2, num_experts=2, max_seq_len=64),
-    "hierarchical": lambda: MultiScaleLM(V, d_model=D, n_blocks=1, hierarchical=True, num_experts=2, max_seq_len=64),
-    "simple_mlp": lambda: MultiScaleLM(V, d_model=D, n_blocks=2, refine="mlp", num_experts=1, max_seq_len=64),
-    "act_simple": lambda: _mixed_halting(ACTMultiScaleLM(V, d_model=D, n_blocks=3, num_experts=2, max_seq_len=64)),
-    "act_hierarchical": lambda: _mixed_halting(
-        ACTMultiScaleLM(V, d_model=D, n_blocks=3, hierarchical=True, refine="mlp", num_experts=2, max_seq_len=64)
-    ),
+    "simple": lambda: MultiScaleLM(V, _config(4)),
+    "hierarchical": lambda: MultiScaleLM(V, _config(4), hierarchical=True),
+    "simple_mlp": lambda: MultiScaleLM(V, _config(4, num_experts=1), refine="mlp"),
+    "act_simple": lambda: _mixed_halting(ACTMultiScaleLM(V, _config(6))),
+    "act_hierarchical": lambda: _mixed_halting(ACTMultiScaleLM(V, _config(12), hierarchical=True, refine="mlp")),
 }
 
 
@@ -111,7 +115,7 @@ def test_work_per_resolution(n):
 
 def test_act_multiscale_halting_at_block_1_runs_one_block():
     torch.manual_seed(0)
-    model = ACTMultiScaleLM(V, d_model=D, n_blocks=3, num_experts=2, max_seq_len=64)
+    model = ACTMultiScaleLM(V, _config(6))
     with torch.no_grad():
         model.act.halting[0].proj.bias.fill_(20.0)
     calls = [0] * len(model.blocks)
@@ -138,7 +142,7 @@ def test_act_multiscale_skips_halted_rows_at_every_resolution():
 
 def test_gradient_reaches_halting_unit():
     torch.manual_seed(0)
-    model = ACTMultiScaleLM(V, d_model=D, n_blocks=3, num_experts=2, max_seq_len=64)
+    model = ACTMultiScaleLM(V, _config(6))
     out = model(torch.randint(0, V, (2, 9)))
     (out.logits.square().mean() + out.aux_losses["ponder"]).backward()
     assert model.act.halting[0].proj.weight.grad.abs().sum() > 0
@@ -146,7 +150,18 @@ def test_gradient_reaches_halting_unit():
 
 def test_bad_refine_is_an_error():
     with pytest.raises(ValueError, match="refine"):
-        MultiScaleLM(V, d_model=D, refine="conv")
+        MultiScaleLM(V, BKConfig(d_model=D), refine="conv")
+
+
+def test_n_layers_fill_whole_multiscale_blocks():
+    assert (
+        len(MultiScaleLM(V, _config(6)).blocks) == 3
+        and len(ACTMultiScaleLM(V, _config(8), hierarchical=True).blocks) == 2
+    )
+    with pytest.raises(ValueError, match=r"MultiScaleLM: config.n_layers must be a multiple of 2 .* got 3"):
+        MultiScaleLM(V, _config(3))
+    with pytest.raises(ValueError, match=r"ACTMultiScaleLM: config.n_layers must be a multiple of 4 .* got 6"):
+        ACTMultiScaleLM(V, _config(6), hierarchical=True)
 
 
 # ------------------------------------------------------------------------------------- configs
@@ -182,8 +197,8 @@ def test_act_multiscale_config_trains_two_steps():
                 *_TINY,
                 "--trainer.default_root_dir",
                 root,
-                "--model.init_args.network.init_args.n_blocks",
-                "2",
+                "--model.init_args.network.init_args.config.n_layers",
+                "4",
                 "--trainer.callbacks+=callbacks.FlopsPerToken",
             ]
         )

@@ -12,10 +12,10 @@ from torch.utils.data import DataLoader
 
 from lightning_modules.checkpoint_io import AtomicCheckpointIO
 from lightning_modules.language_model import LanguageModel
-from resnet_bk.models import ResNetBKLM
+from resnet_bk.models import BKConfig, ResNetBKLM
 
 V = 40
-NET = partial(ResNetBKLM, d_model=16, n_layers=1, num_experts=2, max_seq_len=8)
+NET = partial(ResNetBKLM, config=BKConfig(d_model=16, n_layers=1, num_experts=2, max_seq_len=8))
 
 
 def batches(n, b=2, n_seq=8):

@@ -15,7 +15,7 @@ import torch
 from resnet_bk.bk_core import dense_green_diagonal, green_diagonal, laplacian_couplings
 from resnet_bk.layers import BKLayer, ResolventConfig, resolvent_features
 from resnet_bk.layers.sparsity import SparseBKLayer, sparse_layers
-from resnet_bk.models import ResNetBKLM, count_parameters
+from resnet_bk.models import BKConfig, ResNetBKLM, count_parameters
 from resnet_bk.models.act_lm import ACTResNetBKLM
 from resnet_bk.models.act_multiscale_lm import ACTMultiScaleLM
 from resnet_bk.models.adaptive_length_lm import AdaptiveLengthLM
@@ -198,7 +198,7 @@ def test_bad_options_raise():
 
 @pytest.mark.parametrize("n", [1, 2])
 def test_short_sequences_with_every_option(n):
-    model = ResNetBKLM(V, d_model=D, n_layers=2, num_experts=2, max_seq_len=32, resolvent=RICH)
+    model = ResNetBKLM(V, BKConfig(d_model=D, n_layers=2, num_experts=2, max_seq_len=32, resolvent=RICH))
     out = model(torch.randint(0, V, (2, n)))
     out.logits.sum().backward()
     assert out.logits.shape == (2, n, V) and torch.isfinite(out.logits).all()
@@ -206,7 +206,7 @@ def test_short_sequences_with_every_option(n):
 
 
 def test_bf16_autocast_runs_every_option():
-    model = ResNetBKLM(V, d_model=D, n_layers=2, num_experts=2, max_seq_len=32, resolvent=RICH)
+    model = ResNetBKLM(V, BKConfig(d_model=D, n_layers=2, num_experts=2, max_seq_len=32, resolvent=RICH))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.randint(0, V, (2, 10)))
     assert torch.isfinite(out.logits.float()).all()
@@ -253,47 +253,29 @@ def _sparse_mixed(model):
 
 
 LAPLACIAN_RICH = replace(RICH, couplings="laplacian")  # the sparse layers take every option but input couplings
+
+
+def _tiny(resolvent: ResolventConfig, n_layers: int = 2, **fields) -> BKConfig:
+    """A tiny config with these resolvent options and dropout 0.2 (fields override)."""
+    fields = {"d_model": D, "num_experts": 2, "max_seq_len": 64, "dropout": 0.2, **fields}
+    return BKConfig(n_layers=n_layers, resolvent=resolvent, **fields)
+
+
 VARIANTS = {
-    "resnet_bk": lambda r: ResNetBKLM(
-        V, d_model=D, n_layers=2, num_experts=2, max_seq_len=64, resolvent=r, dropout=0.2
-    ),
-    "act": lambda r: ACTResNetBKLM(V, d_model=D, n_layers=3, num_experts=2, max_seq_len=64, resolvent=r, dropout=0.2),
-    "multiscale": lambda r: MultiScaleLM(
-        V, d_model=D, n_blocks=1, hierarchical=True, num_experts=2, max_seq_len=64, resolvent=r, dropout=0.2
-    ),
-    "act_multiscale": lambda r: ACTMultiScaleLM(
-        V, d_model=D, n_blocks=2, num_experts=2, max_seq_len=64, resolvent=r, dropout=0.2
-    ),
-    "adaptive_length": lambda r: AdaptiveLengthLM(
-        V, d_model=D, num_experts=2, max_seq_len=64, resolvent=r, dropout=0.2
-    ),
-    "conditional_moe": lambda r: ConditionalMoELM(
-        V, d_model=D, n_layers=2, num_experts=3, max_seq_len=64, resolvent=r, dropout=0.2
-    ),
-    "early_exit": lambda r: EarlyExitLM(
-        V, d_model=D, n_layers=2, num_experts=2, max_seq_len=64, resolvent=r, dropout=0.2
-    ),
+    "resnet_bk": lambda r: ResNetBKLM(V, _tiny(r)),
+    "act": lambda r: ACTResNetBKLM(V, _tiny(r, 3)),
+    "multiscale": lambda r: MultiScaleLM(V, _tiny(r, 4), hierarchical=True),
+    "act_multiscale": lambda r: ACTMultiScaleLM(V, _tiny(r, 4)),
+    "adaptive_length": lambda r: AdaptiveLengthLM(V, _tiny(r, 4)),
+    "conditional_moe": lambda r: ConditionalMoELM(V, _tiny(r, num_experts=3)),
+    "early_exit": lambda r: EarlyExitLM(V, _tiny(r)),
     # the sparse models with dropout: test_sparse_dropout_on_gathered_rows_is_causal_in_train_mode
-    "sparse": lambda r: _sparse_mixed(
-        SparseResNetBKLM(
-            V, d_model=D, n_layers=2, num_experts=2, max_seq_len=64, resolvent=replace(r, couplings="laplacian")
-        )
-    ),
+    "sparse": lambda r: _sparse_mixed(SparseResNetBKLM(V, _tiny(replace(r, couplings="laplacian"), dropout=0.0))),
     "sparse_full": lambda r: _sparse_mixed(
-        SparseResNetBKLM(
-            V,
-            d_model=D,
-            n_layers=2,
-            num_experts=2,
-            max_seq_len=64,
-            resolvent=replace(r, couplings="laplacian"),
-            core="full",
-        )
+        SparseResNetBKLM(V, _tiny(replace(r, couplings="laplacian"), dropout=0.0), core="full")
     ),
     "multiscale_sparse": lambda r: _sparse_mixed(
-        MultiScaleSparseLM(
-            V, d_model=D, n_blocks=1, num_experts=2, max_seq_len=64, resolvent=replace(r, couplings="laplacian")
-        )
+        MultiScaleSparseLM(V, _tiny(replace(r, couplings="laplacian"), dropout=0.0))
     ),
 }
 OPTIONS = {
@@ -356,15 +338,15 @@ def test_sparse_dropout_on_gathered_rows_is_causal_in_train_mode(model):
     masks are drawn for every position and then gathered, so a row's mask does not depend on how
     many later positions were kept (docs/design.md section 3)."""
     torch.manual_seed(0)
-    cls, kw = (SparseResNetBKLM, {"n_layers": 2}) if model == "sparse" else (MultiScaleSparseLM, {"n_blocks": 1})
-    net = _sparse_mixed(cls(V, d_model=D, num_experts=2, max_seq_len=64, dropout=0.2, **kw)).double()
+    cls = SparseResNetBKLM if model == "sparse" else MultiScaleSparseLM
+    net = _sparse_mixed(cls(V, BKConfig(d_model=D, n_layers=2, num_experts=2, max_seq_len=64, dropout=0.2))).double()
     _assert_causal(net, torch.randint(0, V, (2, 16)), (0, 5, 15), train=True)
 
 
 def test_bidirectional_core_with_couplings_leaks_the_future():
     """causal=False must fail the test above, otherwise it proves nothing for these options."""
     torch.manual_seed(0)
-    model = ResNetBKLM(V, d_model=D, n_layers=2, num_experts=2, max_seq_len=64, resolvent=RICH, causal=False).double()
+    model = ResNetBKLM(V, _tiny(RICH, dropout=0.0, causal=False)).double()
     x = torch.randint(0, V, (2, 12))
     with torch.no_grad():
         moved = model(_perturb(x, 6)).logits[:, :6] - model(x).logits[:, :6]
@@ -390,9 +372,9 @@ def _full_size_network(path: Path) -> ResNetBKLM:
     network = yaml.safe_load(path.read_text())["model"]["init_args"]["network"]
     assert network["class_path"] == "resnet_bk.models.ResNetBKLM"
     args = dict(network["init_args"])
-    args["resolvent"] = ResolventConfig(**args.get("resolvent", {}))
+    config = BKConfig.of(args.pop("config"))  # its resolvent block too
     with torch.device("meta"):
-        return ResNetBKLM(33_279, **args)
+        return ResNetBKLM(33_279, config, **args)
 
 
 @pytest.mark.parametrize("config", QUALITY)

@@ -23,7 +23,7 @@ from resnet_bk.cli import build, main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
-NET = "--model.init_args.network.init_args."
+NET = "--model.init_args.network.init_args.config."
 TINY = [
     "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--data.init_args.num_workers", "0",
     f"{NET}d_model", "16", f"{NET}max_seq_len", "16", f"{NET}dropout", "0.1",
@@ -35,10 +35,17 @@ SHORT = {"max_steps": 6, "every": 3, "val_every": 4}  # the other configs: kille
 
 
 def depth_args(config: str) -> list[str]:
-    """The fewest layers/blocks the config's network takes (its depth keys, whichever it has)."""
+    """The fewest residual blocks (config.n_layers) the config's network takes: 2 for early exit, a
+    whole multi-scale block (2 for ACT, which needs 2 steps), 1 inner block between pre and post."""
     network = yaml.safe_load((ROOT / "configs" / f"{config}.yaml").read_text())["model"]["init_args"]["network"]
-    least = {"n_layers": 2 if "early_exit" in config else 1, "n_blocks": 2 if "act" in config else 1, "n_inner": 1}
-    return [a for key, n in least.items() if key in network["init_args"] for a in (f"{NET}{key}", str(n))]
+    init_args, name = network["init_args"], network["class_path"].rsplit(".", 1)[-1]
+    if "MultiScale" in name:
+        least = (4 if init_args.get("hierarchical") else 2) * (2 if name.startswith("ACT") else 1)
+    elif name == "AdaptiveLengthLM":
+        least = init_args.get("n_pre", 1) + init_args.get("n_post", 1) + 1
+    else:
+        least = 2 if name == "EarlyExitLM" else 1
+    return [f"{NET}n_layers", str(least)]
 
 
 class Killed(Exception):

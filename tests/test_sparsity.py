@@ -18,6 +18,7 @@ from fit_args import tiny_fit_args
 from resnet_bk.bk_core import green_diagonal, laplacian_couplings
 from resnet_bk.layers.bk_layer import BKLayer
 from resnet_bk.layers.sparsity import SparseBKLayer, gumbel_sigmoid, last_kept_before, sparse_layers
+from resnet_bk.models.config import BKConfig
 from resnet_bk.models.sparse_lm import MultiScaleSparseLM, SparseResNetBKLM
 from resnet_bk.reduced_chain import (
     kept_green_diagonal_full,
@@ -158,12 +159,11 @@ def _mixed(model):
     return model
 
 
+TINY = BKConfig(d_model=D, n_layers=2, num_experts=2, max_seq_len=64)
 MODELS = {
-    "sparse_reduced": lambda: SparseResNetBKLM(V, d_model=D, n_layers=2, num_experts=2, max_seq_len=64),
-    "sparse_full": lambda: SparseResNetBKLM(
-        V, d_model=D, n_layers=2, num_experts=2, max_seq_len=64, core="full", target_sparsity=0.75
-    ),
-    "multiscale_sparse": lambda: MultiScaleSparseLM(V, d_model=D, n_blocks=1, num_experts=2, max_seq_len=64),
+    "sparse_reduced": lambda: SparseResNetBKLM(V, TINY),
+    "sparse_full": lambda: SparseResNetBKLM(V, TINY, core="full", target_sparsity=0.75),
+    "multiscale_sparse": lambda: MultiScaleSparseLM(V, TINY),
 }
 
 
@@ -348,7 +348,7 @@ def test_triton_dispatch_and_compiled_layer(monkeypatch):
 @pytest.mark.parametrize("target", [0.25, 0.8])
 def test_achieved_sparsity_tracks_target(target):
     torch.manual_seed(0)
-    model = SparseResNetBKLM(V, d_model=D, n_layers=2, num_experts=1, max_seq_len=32, target_sparsity=target)
+    model = SparseResNetBKLM(V, BKConfig(d_model=D, n_layers=2, num_experts=1, max_seq_len=32), target_sparsity=target)
     for layer in sparse_layers(model):  # start far from the target: P(keep) = 0.5
         torch.nn.init.zeros_(layer.predictor.proj.bias)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -419,7 +419,7 @@ def test_lightning_module_weights_and_temperature():
 
     torch.manual_seed(0)
     module = LanguageModel(
-        network=partial(SparseResNetBKLM, d_model=D, n_layers=2, num_experts=2, max_seq_len=16),
+        network=partial(SparseResNetBKLM, config=BKConfig(d_model=D, n_layers=2, num_experts=2, max_seq_len=16)),
         vocab_size=V,
         aux_loss_weights={"load_balance": 0.01, "sparsity": 3.0},
     )
@@ -454,7 +454,9 @@ def test_lightning_module_weights_and_temperature():
     )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch] * 5, batch_size=None))
     assert all(layer.tau == pytest.approx(annealed_tau(4, 2.0, 0.5, 10)) for layer in sparse_layers(module.model))
-    dense = LanguageModel(network=partial(ResNetBKLM, d_model=D, n_layers=1, max_seq_len=16), vocab_size=V)
+    dense = LanguageModel(
+        network=partial(ResNetBKLM, config=BKConfig(d_model=D, n_layers=1, max_seq_len=16)), vocab_size=V
+    )
     with pytest.raises(ValueError, match="no learned-sparsity layer"):
         L_.Trainer(
             accelerator="cpu",

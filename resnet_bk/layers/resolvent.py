@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
 import torch
 
 from resnet_bk.bk_core import green_diagonal, laplacian_couplings, resolve_method
+from resnet_bk.config_of import config_of
 from resnet_bk.kernels.fused_resolvent import resolvent_features_fused
 
 Couplings = Literal["laplacian", "input"]
@@ -39,21 +40,23 @@ Gate = Literal["none", "sigmoid", "silu"]
 
 @dataclass(frozen=True)
 class ResolventConfig:
-    """Options of the resolvent mixing in every ResNet-BK layer.
+    """Options of the resolvent mixing in every ResNet-BK layer. The defaults are the seeds' layer:
+    C = 1, the Laplacian, z = i fixed, no gate.
 
-    channels: C, the number of independent chains per layer (v_proj D -> C, features 2C -> D).
-    z_real, z_imag: the spectral shift z = z_real + i z_imag of every channel (z_imag > 0); with
-        z_imag_max, Im z of channel c is log-spaced from z_imag (c = 0) to z_imag_max (c = C-1).
-    z_imag_max: None (every channel at z_imag) or the upper end of the spread (> 0).
-    learn_z: False: z fixed. True: z_c = lambda_c + i softplus(r_c) per channel, learned, started
-        at the values above; Im z_c > 0 by construction.
-    couplings: "laplacian": b_i = 1 (the seeds' H0). "input": b_i = 2 sigmoid(w_c . h_{i+1} + a_c)
-        per channel, from the (causal) state of the later position of the pair; 1 at w = a = 0.
-    gate: "none", or "sigmoid" / "silu": the 2C features times act(W h) before the projection
-        back to D (output gating of gated linear RNNs).
-    bk_scale: weight of the projected features in the layer's output.
-
-    The defaults are the seeds' layer: C = 1, the Laplacian, z = i fixed, no gate.
+    Attributes:
+        channels: C, the number of independent chains per layer (v_proj D -> C, features 2C -> D).
+        z_real: Re z, the real part of every channel's spectral shift z = z_real + i z_imag.
+        z_imag: Im z of every channel (> 0); with z_imag_max, Im z of channel c is log-spaced from
+            z_imag (c = 0) to z_imag_max (c = C-1).
+        z_imag_max: None (every channel at z_imag) or the upper end of the spread (> 0).
+        learn_z: False: z fixed. True: z_c = lambda_c + i softplus(r_c) per channel, learned,
+            started at the values above; Im z_c > 0 by construction.
+        couplings: "laplacian": b_i = 1 (the seeds' H0). "input": b_i = 2 sigmoid(w_c . h_{i+1} +
+            a_c) per channel, from the (causal) state of the later position of the pair; 1 at
+            w = a = 0.
+        gate: "none", or "sigmoid" / "silu": the 2C features times act(W h) before the projection
+            back to D (output gating of gated linear RNNs).
+        bk_scale: weight of the projected features in the layer's output.
     """
 
     channels: int = 1
@@ -88,18 +91,7 @@ class ResolventConfig:
     def of(cls, value: Union["ResolventConfig", Mapping[str, Any], None]) -> "ResolventConfig":
         """The config itself, the defaults for None, or one built from a mapping (a YAML block read
         without the CLI, e.g. {"channels": 16})."""
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, Mapping):
-            unknown = sorted(set(value) - {f.name for f in fields(cls)})
-            if unknown:
-                raise ValueError(
-                    f"ResolventConfig: unknown option(s) {unknown}; the options are {[f.name for f in fields(cls)]}."
-                )
-            return cls(**value)
-        raise ValueError(f"ResolventConfig: expected a ResolventConfig or a mapping, got {type(value).__name__}.")
+        return config_of(cls, value)
 
     @property
     def z_is_constant(self) -> bool:

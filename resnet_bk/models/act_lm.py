@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from resnet_bk.layers.act import AdaptiveDepth, run_bk_block
-from resnet_bk.layers.resolvent import ResolventConfig
+from resnet_bk.models.config import BKConfig
 from resnet_bk.models.output import LMOutput
 from resnet_bk.models.resnet_bk_lm import ResNetBKLM
 
@@ -24,7 +24,8 @@ from resnet_bk.models.resnet_bk_lm import ResNetBKLM
 class ACTResNetBKLM(ResNetBKLM):
     """input_ids (B, N) -> LMOutput(logits (B, N, V), aux_losses, stats).
 
-    Args: those of ResNetBKLM (vocab_size first), and
+    Args:
+        vocab_size, config: as for ResNetBKLM.
         act_threshold: a position halts once its cumulative halting probability reaches this.
         halt_bias_init: initial bias of the halting units (1.0: every position takes 2 layers at
             initialisation, as in Universal Transformers; negative: all layers at first).
@@ -37,24 +38,11 @@ class ACTResNetBKLM(ResNetBKLM):
     """
 
     def __init__(
-        self,
-        vocab_size: int,
-        d_model: int = 128,
-        n_layers: int = 4,
-        d_ff: int | None = None,
-        num_experts: int = 4,
-        top_k: int = 1,
-        max_seq_len: int = 1024,
-        resolvent: ResolventConfig = ResolventConfig(),
-        dropout: float = 0.0,
-        causal: bool = True,
-        act_threshold: float = 0.99,
-        halt_bias_init: float = 1.0,
+        self, vocab_size: int, config: BKConfig = BKConfig(), act_threshold: float = 0.99, halt_bias_init: float = 1.0
     ):
-        super().__init__(
-            vocab_size, d_model, n_layers, d_ff, num_experts, top_k, max_seq_len, resolvent, dropout, causal
-        )
-        self.act = AdaptiveDepth(d_model, n_layers, act_threshold, halt_bias_init)
+        config = BKConfig.of(config)
+        super().__init__(vocab_size, config)
+        self.act = AdaptiveDepth(config.d_model, config.n_layers, act_threshold, halt_bias_init)
 
     def forward(self, input_ids: torch.Tensor) -> LMOutput:
         b, n = input_ids.shape

@@ -18,7 +18,7 @@ import torch
 
 from resnet_bk.layers.act import AdaptiveDepth
 from resnet_bk.layers.multiscale import Refine
-from resnet_bk.layers.resolvent import ResolventConfig
+from resnet_bk.models.config import BKConfig
 from resnet_bk.models.multiscale_lm import MultiScaleLM, work_stats
 from resnet_bk.models.output import LMOutput
 
@@ -26,8 +26,9 @@ from resnet_bk.models.output import LMOutput
 class ACTMultiScaleLM(MultiScaleLM):
     """input_ids (B, N) -> LMOutput(logits, aux_losses, stats).
 
-    Args: those of MultiScaleLM (vocab_size first), and act_threshold, halt_bias_init as for
-    resnet_bk.models.act_lm.ACTResNetBKLM (here a step is a whole multi-scale block).
+    Args: those of MultiScaleLM (vocab_size, config, ...), and act_threshold, halt_bias_init as for
+    resnet_bk.models.act_lm.ACTResNetBKLM (here a step is a whole multi-scale block, so there are
+    config.n_layers / 2 steps, or / 4 when hierarchical).
 
     aux_losses: "ponder" (mean N + R, unweighted), "load_balance".
     stats: those of MultiScaleLM (now counting only the feed-forward rows that ran) and of
@@ -38,26 +39,17 @@ class ACTMultiScaleLM(MultiScaleLM):
     def __init__(
         self,
         vocab_size: int,
-        d_model: int = 128,
-        n_blocks: int = 2,
+        config: BKConfig = BKConfig(),
         hierarchical: bool = False,
         refine: Refine = "bk",
         refine_d_ff: Optional[int] = None,
-        d_ff: Optional[int] = None,
-        num_experts: int = 4,
-        top_k: int = 1,
-        max_seq_len: int = 1024,
-        resolvent: ResolventConfig = ResolventConfig(),
-        dropout: float = 0.0,
-        causal: bool = True,
         act_threshold: float = 0.99,
         halt_bias_init: float = 1.0,
     ):
-        super().__init__(
-            vocab_size, d_model, n_blocks, hierarchical, refine, refine_d_ff, d_ff, num_experts, top_k,
-            max_seq_len, resolvent, dropout, causal,
-        )  # fmt: skip
-        self.act = AdaptiveDepth(d_model, n_blocks, act_threshold, halt_bias_init)  # after the base init
+        config = BKConfig.of(config)
+        super().__init__(vocab_size, config, hierarchical, refine, refine_d_ff)
+        # after the base init; one ACT step per multi-scale block
+        self.act = AdaptiveDepth(config.d_model, len(self.blocks), act_threshold, halt_bias_init)
 
     def forward(self, input_ids: torch.Tensor) -> LMOutput:
         x = self.embed(input_ids)

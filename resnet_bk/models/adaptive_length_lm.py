@@ -29,22 +29,22 @@ from resnet_bk.layers.adaptive_length import (
     segment_close_positions,
     segment_pool,
 )
-from resnet_bk.layers.bk_layer import ResNetBKBlock
 from resnet_bk.layers.dropout import consume_dropout
-from resnet_bk.layers.resolvent import ResolventConfig
 from resnet_bk.models.base import TiedEmbeddingLM
+from resnet_bk.models.config import BKConfig
 from resnet_bk.models.output import LMOutput
+from resnet_bk.models.resnet_bk_lm import bk_block
 
 
 class AdaptiveLengthLM(TiedEmbeddingLM):
     """input_ids (B, N) long -> LMOutput(logits (B, N, V), aux_losses, stats).
 
     Args:
-        vocab_size, d_model, d_ff, num_experts, top_k, max_seq_len, resolvent,
-            dropout, causal: as ResNetBKLM.
-        n_pre, n_inner, n_post: ResNet-BK blocks before the pooling (full resolution), on the
-            shortened sequence, and after the upsampling (full resolution). n_pre >= 1, so the
-            boundary predictor reads contextual (causal) states, not bare embeddings.
+        vocab_size, config: as ResNetBKLM (resnet_bk.models.BKConfig); config.n_layers ResNet-BK
+            blocks in all: n_pre, then n_layers - n_pre - n_post inner, then n_post.
+        n_pre, n_post: ResNet-BK blocks before the pooling (full resolution) and after the
+            upsampling (full resolution); the others run on the shortened sequence. n_pre >= 1, so
+            the boundary predictor reads contextual (causal) states, not bare embeddings.
         boundary_temperature: Gumbel-sigmoid temperature of the boundary predictor.
         init_boundary_rate: boundary rate at initialisation (the inner length starts near rate * N).
         prior_rate: None: aux "length" = mean over rows of K / N (straight-through, so it trains the
@@ -62,45 +62,37 @@ class AdaptiveLengthLM(TiedEmbeddingLM):
     def __init__(
         self,
         vocab_size: int,
-        d_model: int = 128,
+        config: BKConfig = BKConfig(),
         n_pre: int = 1,
-        n_inner: int = 2,
         n_post: int = 1,
-        d_ff: int | None = None,
-        num_experts: int = 4,
-        top_k: int = 1,
-        max_seq_len: int = 1024,
-        resolvent: ResolventConfig = ResolventConfig(),
-        dropout: float = 0.0,
-        causal: bool = True,
         boundary_temperature: float = 1.0,
         init_boundary_rate: float = 0.25,
         prior_rate: float | None = None,
         length_multiple: int = 1,
         eval_sampling: bool = False,
     ):
-        super().__init__(vocab_size, d_model, max_seq_len, dropout)
-        if n_pre < 1 or n_inner < 0 or n_post < 0:
+        config = BKConfig.of(config)
+        super().__init__(vocab_size, config)
+        n_inner = config.n_layers - n_pre - n_post
+        if n_pre < 1 or n_post < 0 or n_inner < 0:
             raise ValueError(
-                f"AdaptiveLengthLM: need n_pre >= 1, n_inner >= 0, n_post >= 0, got {n_pre}, {n_inner}, {n_post}."
+                f"AdaptiveLengthLM: need n_pre >= 1, n_post >= 0 and n_pre + n_post <= config.n_layers, got n_pre "
+                f"{n_pre}, n_post {n_post}, n_layers {config.n_layers}."
             )
         if prior_rate is not None and not 0.0 < prior_rate < 1.0:
             raise ValueError(f"AdaptiveLengthLM: prior_rate must be in (0, 1) or None, got {prior_rate}.")
         if length_multiple < 1:
             raise ValueError(f"AdaptiveLengthLM: length_multiple must be >= 1, got {length_multiple}.")
-        d_ff = 4 * d_model if d_ff is None else d_ff
-        self.causal = causal
+        self.causal = config.causal
         self.prior_rate, self.length_multiple = prior_rate, length_multiple
 
         def blocks(n: int) -> nn.ModuleList:
-            return nn.ModuleList(
-                ResNetBKBlock(d_model, d_ff, num_experts, top_k, resolvent, causal, dropout) for _ in range(n)
-            )
+            return nn.ModuleList(bk_block(config) for _ in range(n))
 
         self.pre_blocks, self.inner_blocks, self.post_blocks = blocks(n_pre), blocks(n_inner), blocks(n_post)
-        self.boundary = BoundaryPredictor(d_model, boundary_temperature, init_boundary_rate, eval_sampling)
-        self.null = nn.Parameter(torch.zeros(d_model))  # what a position sees before any segment closes
-        self.init_weights(n_residual=n_pre + n_inner + n_post)
+        self.boundary = BoundaryPredictor(config.d_model, boundary_temperature, init_boundary_rate, eval_sampling)
+        self.null = nn.Parameter(torch.zeros(config.d_model))  # what a position sees before any segment closes
+        self.init_weights(n_residual=config.n_layers)
         self.boundary.reset_bias()
 
     def forward(self, input_ids: torch.Tensor) -> LMOutput:

@@ -1,6 +1,7 @@
 """What every language model here shares: embeddings in, a tied head out, nanoGPT's init.
 
-A model subclasses TiedEmbeddingLM, builds its stack between the two ends, and in forward writes
+A model subclasses TiedEmbeddingLM, passes its config (resnet_bk.models.config) to it, builds its
+stack between the two ends, and in forward writes
 
     x = self.embed(input_ids)      # (B, N, D), with the max_seq_len check
     ...                            # its own blocks
@@ -21,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from resnet_bk.layers.moe import GroupedLinear
+from resnet_bk.models.config import ModelConfig
 
 
 def init_weights(module: nn.Module) -> None:
@@ -36,18 +38,21 @@ def init_weights(module: nn.Module) -> None:
 class TiedEmbeddingLM(nn.Module):
     """Token + learned position embedding with dropout, final LayerNorm, LM head tied to the tokens.
 
-    Holds tok_emb (V, D), pos_emb (max_seq_len, D), drop, ln_f and lm_head (lm_head.weight IS
-    tok_emb.weight). Inputs longer than max_seq_len raise ValueError.
+    Holds config (the model's ModelConfig, as built), tok_emb (V, D), pos_emb (max_seq_len, D),
+    drop, ln_f and lm_head (lm_head.weight IS tok_emb.weight). Inputs longer than max_seq_len raise
+    ValueError.
     """
 
-    def __init__(self, vocab_size: int, d_model: int, max_seq_len: int, dropout: float):
+    def __init__(self, vocab_size: int, config: ModelConfig):
         super().__init__()
-        self.max_seq_len = max_seq_len
-        self.tok_emb = nn.Embedding(vocab_size, d_model)
-        self.pos_emb = nn.Embedding(max_seq_len, d_model)
-        self.drop = nn.Dropout(dropout)
-        self.ln_f = nn.LayerNorm(d_model)
-        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        d = config.d_model
+        self.config = config
+        self.max_seq_len = config.max_seq_len
+        self.tok_emb = nn.Embedding(vocab_size, d)
+        self.pos_emb = nn.Embedding(config.max_seq_len, d)
+        self.drop = nn.Dropout(config.dropout)
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

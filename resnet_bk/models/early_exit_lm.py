@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from resnet_bk.layers.early_exit import Confidence, confidence
-from resnet_bk.layers.resolvent import ResolventConfig
+from resnet_bk.models.config import BKConfig
 from resnet_bk.models.output import LMOutput
 from resnet_bk.models.resnet_bk_lm import ResNetBKLM
 
@@ -56,7 +56,8 @@ class EarlyExitOutput(LMOutput):
 class EarlyExitLM(ResNetBKLM):
     """input_ids (B, N) -> EarlyExitOutput; ResNetBKLM with early exit (see the module docstring).
 
-    Args (besides ResNetBKLM's):
+    Args:
+        vocab_size, config: as for ResNetBKLM.
         exit_threshold: confidence at which a position exits; None: never (the training module
             calibrates it with set_exit_threshold; the `exit_threshold` and `exit_enabled` buffers
             keep it in checkpoints).
@@ -67,31 +68,14 @@ class EarlyExitLM(ResNetBKLM):
     def __init__(
         self,
         vocab_size: int,
-        d_model: int = 128,
-        n_layers: int = 4,
-        d_ff: int | None = None,
-        num_experts: int = 4,
-        top_k: int = 1,
-        max_seq_len: int = 1024,
-        resolvent: ResolventConfig = ResolventConfig(),
-        dropout: float = 0.0,
-        causal: bool = True,
+        config: BKConfig = BKConfig(),
         exit_threshold: float | None = None,
         confidence: Confidence = "max_prob",
         min_exit_layer: int = 1,
     ):
-        super().__init__(
-            vocab_size,
-            d_model,
-            n_layers,
-            d_ff,
-            num_experts,
-            top_k,
-            max_seq_len,
-            resolvent,
-            dropout,
-            causal,
-        )
+        config = BKConfig.of(config)
+        super().__init__(vocab_size, config)
+        n_layers = config.n_layers
         if confidence not in ("max_prob", "entropy"):
             raise ValueError(f"EarlyExitLM: confidence must be 'max_prob' or 'entropy', got {confidence!r}.")
         if n_layers >= 2 and not 1 <= min_exit_layer <= n_layers - 1:

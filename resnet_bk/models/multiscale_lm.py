@@ -22,8 +22,8 @@ import torch.nn as nn
 
 from resnet_bk.layers.bk_layer import ResNetBKBlock
 from resnet_bk.layers.multiscale import MLPRefine, MultiScaleBlock, Refine
-from resnet_bk.layers.resolvent import ResolventConfig
 from resnet_bk.models.base import TiedEmbeddingLM
+from resnet_bk.models.config import BKConfig
 from resnet_bk.models.output import LMOutput
 
 RESOLUTIONS = (1, 2, 4)
@@ -34,15 +34,14 @@ class MultiScaleLM(TiedEmbeddingLM):
 
     Args:
         vocab_size: V (first positional argument: the CLI injects it from the data).
-        d_model: width D.
-        n_blocks: number of multi-scale blocks. A simple block holds 2 ResNet-BK blocks (one at
-            N/2, one at N when refine="bk"), a hierarchical one 4 (N/2, N/4, N/2, N): for equal
-            parameters with a ResNetBKLM of L layers use n_blocks = L/2 (simple) or L/4.
+        config: as for ResNetBKLM (resnet_bk.models.BKConfig); every ResNet-BK block at any
+            resolution has its own MoE feed-forward. config.n_layers counts residual blocks, as
+            in a ResNetBKLM of that many layers: a simple multi-scale block holds 2 (a ResNet-BK
+            block at N/2, the refinement at N), a hierarchical one 4 (N/2, N/4, N/2, N), so there
+            are n_layers / 2 or n_layers / 4 multi-scale blocks (n_layers must divide evenly).
         hierarchical: False: N -> N/2 -> N blocks; True: N -> N/2 -> N/4 -> N/2 -> N.
         refine: "bk" (a ResNet-BK block at full resolution) or "mlp" (position-wise MLP).
-        refine_d_ff: hidden width of the "mlp" refinement (default d_ff).
-        d_ff, num_experts, top_k, max_seq_len, resolvent, dropout, causal: as for
-            ResNetBKLM; every ResNet-BK block at any resolution has its own MoE feed-forward.
+        refine_d_ff: hidden width of the "mlp" refinement (None: that of the experts, config.ffn_width).
 
     aux_losses: {"load_balance": mean over BK blocks} (empty when num_experts = 1), unweighted.
     stats: "ffn_rows/res<r>" and "mix_tokens/res<r>" (r = 1, 2, 4: full, half, quarter
@@ -53,29 +52,19 @@ class MultiScaleLM(TiedEmbeddingLM):
     def __init__(
         self,
         vocab_size: int,
-        d_model: int = 128,
-        n_blocks: int = 2,
+        config: BKConfig = BKConfig(),
         hierarchical: bool = False,
         refine: Refine = "bk",
         refine_d_ff: Optional[int] = None,
-        d_ff: Optional[int] = None,
-        num_experts: int = 4,
-        top_k: int = 1,
-        max_seq_len: int = 1024,
-        resolvent: ResolventConfig = ResolventConfig(),
-        dropout: float = 0.0,
-        causal: bool = True,
     ):
-        super().__init__(vocab_size, d_model, max_seq_len, dropout)
-        if n_blocks < 1:
-            raise ValueError(f"{type(self).__name__}: n_blocks must be >= 1, got {n_blocks}.")
-        d_ff = 4 * d_model if d_ff is None else d_ff
-        self.causal = causal
+        config = BKConfig.of(config)
+        super().__init__(vocab_size, config)
+        c = config
+        self.causal = c.causal
+        n_blocks = multiscale_blocks(type(self).__name__, c.n_layers, hierarchical)
+        bk_args = (c.d_model, c.ffn_width, c.num_experts, c.top_k, c.resolvent, c.causal, c.dropout)
         self.blocks = nn.ModuleList(
-            MultiScaleBlock(
-                d_model, d_ff, num_experts, top_k, resolvent, causal, dropout, hierarchical, refine, refine_d_ff
-            )
-            for _ in range(n_blocks)
+            MultiScaleBlock(*bk_args, hierarchical, refine, refine_d_ff) for _ in range(n_blocks)
         )
         # Residual blocks at every resolution count, as in a plain stack of that many blocks.
         self.init_weights(n_residual=sum(isinstance(m, (ResNetBKBlock, MLPRefine)) for m in self.modules()))
@@ -98,6 +87,19 @@ class MultiScaleLM(TiedEmbeddingLM):
         stats = {k: sum(v) / len(v) for k, v in stat_sums.items()}
         stats.update(work_stats(work, input_ids.numel()))
         return LMOutput(logits=logits, aux_losses=aux_losses, stats=stats)
+
+
+def multiscale_blocks(model: str, n_layers: int, hierarchical: bool) -> int:
+    """The number of multi-scale blocks that hold n_layers residual blocks: 2 per simple block, 4 per
+    hierarchical one; a ValueError naming `model` if they do not divide evenly."""
+    per_block = 4 if hierarchical else 2
+    if n_layers % per_block:
+        kind = "hierarchical" if hierarchical else "simple"
+        raise ValueError(
+            f"{model}: config.n_layers must be a multiple of {per_block} (the residual blocks of one {kind} "
+            f"multi-scale block), got {n_layers}."
+        )
+    return n_layers // per_block
 
 
 def work_stats(work: dict[str, int], n_positions: int) -> dict[str, float]:

@@ -16,9 +16,15 @@ import torch
 import torch.nn as nn
 
 from resnet_bk.layers.bk_layer import ResNetBKBlock
-from resnet_bk.layers.resolvent import ResolventConfig
 from resnet_bk.models.base import TiedEmbeddingLM
+from resnet_bk.models.config import BKConfig
 from resnet_bk.models.output import LMOutput
+
+
+def bk_block(config: BKConfig) -> ResNetBKBlock:
+    """One ResNet-BK block (B, N, D) -> (B, N, D) of the width, experts, resolvent and dropout of `config`."""
+    c = config
+    return ResNetBKBlock(c.d_model, c.ffn_width, c.num_experts, c.top_k, c.resolvent, c.causal, c.dropout)
 
 
 class ResNetBKLM(TiedEmbeddingLM):
@@ -26,46 +32,21 @@ class ResNetBKLM(TiedEmbeddingLM):
 
     Args:
         vocab_size: V (first positional argument: the CLI injects it from the data).
-        d_model: width D.
-        n_layers: number of ResNet-BK blocks.
-        d_ff: hidden width of EACH expert; default 4 * d_model, the Switch convention: at top_k=1 a
-            token costs the FLOPs of a dense nanoGPT MLP, while the parameters grow with num_experts.
-            For equal-parameter comparisons use resnet_bk.models.count_parameters.
-        num_experts, top_k: MoE routing; num_experts=1 is a plain MLP.
-        max_seq_len: size of the learned position embedding; longer inputs raise ValueError.
-        resolvent: the resolvent mixing of every layer (resnet_bk.layers.ResolventConfig): channels,
-            the shift z (fixed, spread or learned), Laplacian or input-dependent couplings, output
-            gate, bk_scale. The default is the seeds' layer (one chain, Laplacian, z = i).
-        dropout: dropout on embeddings, expert outputs and resolvent features.
-        causal: True (default) uses the causal core g_i, so logits at position t depend on tokens
-            0..t only. False uses the full resolvent diagonal G_ii, which depends on EVERY position:
-            it leaks the future and is only for non-autoregressive use; never report its perplexity.
+        config: width, depth, feed-forward width, experts and routing, max length, dropout,
+            causality and the resolvent mixing of every layer (resnet_bk.models.BKConfig); n_layers
+            ResNet-BK blocks.
 
     aux_losses: {"load_balance": mean over layers} (empty when num_experts=1), unweighted.
     stats: detached means over layers: "g_abs_mean" (mean |g|, bounded by 1 / min Im z), expert loads,
         and with a per-channel z "z_imag_min", "z_imag_mean", "z_imag_max", "z_real_mean".
     """
 
-    def __init__(
-        self,
-        vocab_size: int,
-        d_model: int = 128,
-        n_layers: int = 4,
-        d_ff: int | None = None,
-        num_experts: int = 4,
-        top_k: int = 1,
-        max_seq_len: int = 1024,
-        resolvent: ResolventConfig = ResolventConfig(),
-        dropout: float = 0.0,
-        causal: bool = True,
-    ):
-        super().__init__(vocab_size, d_model, max_seq_len, dropout)
-        d_ff = 4 * d_model if d_ff is None else d_ff
-        self.causal = causal
-        self.blocks = nn.ModuleList(
-            ResNetBKBlock(d_model, d_ff, num_experts, top_k, resolvent, causal, dropout) for _ in range(n_layers)
-        )
-        self.init_weights(n_residual=n_layers)
+    def __init__(self, vocab_size: int, config: BKConfig = BKConfig()):
+        config = BKConfig.of(config)
+        super().__init__(vocab_size, config)
+        self.causal = config.causal
+        self.blocks = nn.ModuleList(bk_block(config) for _ in range(config.n_layers))
+        self.init_weights(n_residual=config.n_layers)
 
     def forward(self, input_ids: torch.Tensor) -> LMOutput:
         x = self.embed(input_ids)  # (B, N, D)

@@ -19,19 +19,27 @@ threshold). aux_losses: "sparsity" (mean over layers of (expected sparsity - tar
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from resnet_bk.layers.bk_layer import ResNetBKBlock
 from resnet_bk.layers.multiscale import MLPRefine
-from resnet_bk.layers.resolvent import ResolventConfig
 from resnet_bk.layers.sparsity import Core, MultiScaleSparseBlock, SparseResNetBKBlock, set_temperature, sparse_layers
 from resnet_bk.models.base import init_weights
+from resnet_bk.models.config import BKConfig
 from resnet_bk.models.multiscale_lm import MultiScaleLM
 from resnet_bk.models.output import LMOutput
 from resnet_bk.models.resnet_bk_lm import ResNetBKLM
+
+
+def causal_config(model: str, config: BKConfig) -> BKConfig:
+    """BKConfig.of(config) (a BKConfig, a mapping or None), which must be causal: the sparse layers
+    exist for next-token models only."""
+    config = BKConfig.of(config)
+    if not config.causal:
+        raise ValueError(f"{model}: the sparse layers are causal only; set config.causal to true.")
+    return config
 
 
 def _reinit(model: nn.Module, blocks: nn.Module) -> None:
@@ -49,7 +57,8 @@ def _reinit(model: nn.Module, blocks: nn.Module) -> None:
 class SparseResNetBKLM(ResNetBKLM):
     """input_ids (B, N) -> LMOutput; ResNetBKLM with SparseResNetBKBlocks.
 
-    Args: those of ResNetBKLM (causal is always True), and
+    Args:
+        vocab_size, config: as for ResNetBKLM; config.causal must be True.
         target_sparsity: fraction of positions each layer skips, in [0, 1); 0 is the dense model.
         core: "reduced" (resolvent at length K) or "full" (length N); the same values.
         predictor_kernel, interp_kernel: widths of the causal convolutions.
@@ -58,39 +67,31 @@ class SparseResNetBKLM(ResNetBKLM):
     def __init__(
         self,
         vocab_size: int,
-        d_model: int = 128,
-        n_layers: int = 4,
-        d_ff: Optional[int] = None,
-        num_experts: int = 4,
-        top_k: int = 1,
-        max_seq_len: int = 1024,
-        resolvent: ResolventConfig = ResolventConfig(),
-        dropout: float = 0.0,
+        config: BKConfig = BKConfig(),
         target_sparsity: float = 0.5,
         core: Core = "reduced",
         predictor_kernel: int = 3,
         interp_kernel: int = 3,
     ):
-        super().__init__(
-            vocab_size, d_model, n_layers, d_ff, num_experts, top_k, max_seq_len, resolvent, dropout, causal=True
-        )
-        d_ff = 4 * d_model if d_ff is None else d_ff
+        config = causal_config(type(self).__name__, config)
+        super().__init__(vocab_size, config)
+        c = config
         self.target_sparsity = target_sparsity
         self.blocks = nn.ModuleList(
             SparseResNetBKBlock(
-                d_model,
-                d_ff,
-                num_experts,
-                top_k,
-                resolvent,
+                c.d_model,
+                c.ffn_width,
+                c.num_experts,
+                c.top_k,
+                c.resolvent,
                 True,
-                dropout,
+                c.dropout,
                 target_sparsity,
                 core,
                 predictor_kernel,
                 interp_kernel,
             )
-            for _ in range(n_layers)
+            for _ in range(c.n_layers)
         )
         _reinit(self, self.blocks)
 
@@ -121,57 +122,37 @@ class SparseResNetBKLM(ResNetBKLM):
 
 class MultiScaleSparseLM(MultiScaleLM):
     """input_ids (B, N) -> LMOutput; MultiScaleLM (simple blocks, BK refinement) whose coarse and
-    refinement blocks are SparseResNetBKBlocks. Args: MultiScaleLM's (hierarchical and refine are
-    fixed: False, "bk") and target_sparsity, core, predictor_kernel, interp_kernel as
-    SparseResNetBKLM. Stats add "ffn_rows/res<r>", "mix_tokens/res<r>" per input position."""
+    refinement blocks are SparseResNetBKBlocks. Args: MultiScaleLM's vocab_size and config
+    (config.causal must be True; hierarchical and refine are fixed: False, "bk") and
+    target_sparsity, core, predictor_kernel, interp_kernel as SparseResNetBKLM. Stats add "ffn_rows/res<r>", "mix_tokens/res<r>" per input position."""
 
     def __init__(
         self,
         vocab_size: int,
-        d_model: int = 128,
-        n_blocks: int = 2,
-        d_ff: Optional[int] = None,
-        num_experts: int = 4,
-        top_k: int = 1,
-        max_seq_len: int = 1024,
-        resolvent: ResolventConfig = ResolventConfig(),
-        dropout: float = 0.0,
+        config: BKConfig = BKConfig(),
         target_sparsity: float = 0.5,
         core: Core = "reduced",
         predictor_kernel: int = 3,
         interp_kernel: int = 3,
     ):
-        super().__init__(
-            vocab_size,
-            d_model,
-            n_blocks,
-            False,
-            "bk",
-            None,
-            d_ff,
-            num_experts,
-            top_k,
-            max_seq_len,
-            resolvent,
-            dropout,
-            True,
-        )
-        d_ff = 4 * d_model if d_ff is None else d_ff
+        config = causal_config(type(self).__name__, config)
+        super().__init__(vocab_size, config, hierarchical=False, refine="bk")
+        c = config
         self.target_sparsity = target_sparsity
         self.blocks = nn.ModuleList(
             MultiScaleSparseBlock(
-                d_model,
-                d_ff,
-                num_experts,
-                top_k,
-                resolvent,
-                dropout,
+                c.d_model,
+                c.ffn_width,
+                c.num_experts,
+                c.top_k,
+                c.resolvent,
+                c.dropout,
                 target_sparsity,
                 core,
                 predictor_kernel,
                 interp_kernel,
             )
-            for _ in range(n_blocks)
+            for _ in range(len(self.blocks))
         )
         _reinit(self, self.blocks)
 

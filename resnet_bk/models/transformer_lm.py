@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from resnet_bk.models.base import TiedEmbeddingLM
+from resnet_bk.models.config import ModelConfig
 from resnet_bk.models.output import LMOutput
 
 
@@ -71,26 +72,19 @@ class TransformerLM(TiedEmbeddingLM):
 
     Args:
         vocab_size: V (first positional argument: the CLI injects it from the data).
-        d_model, n_layers, n_heads: width, depth, attention heads (d_model % n_heads == 0).
-        d_ff: MLP hidden width, default 4 * d_model.
-        max_seq_len: size of the learned position embedding; longer inputs raise ValueError.
-        dropout: on embeddings, attention weights and residual branches.
+        config: width, depth (n_layers Transformer blocks), MLP hidden width (d_ff, default
+            4 * d_model), max length and dropout (on embeddings, attention weights and residual
+            branches): resnet_bk.models.ModelConfig.
+        n_heads: attention heads (d_model % n_heads == 0).
     """
 
-    def __init__(
-        self,
-        vocab_size: int,
-        d_model: int = 128,
-        n_layers: int = 4,
-        n_heads: int = 4,
-        d_ff: int | None = None,
-        max_seq_len: int = 1024,
-        dropout: float = 0.0,
-    ):
-        super().__init__(vocab_size, d_model, max_seq_len, dropout)
-        d_ff = 4 * d_model if d_ff is None else d_ff
-        self.blocks = nn.ModuleList(Block(d_model, n_heads, d_ff, dropout) for _ in range(n_layers))
-        self.init_weights(n_residual=n_layers)
+    def __init__(self, vocab_size: int, config: ModelConfig = ModelConfig(), n_heads: int = 4):
+        config = ModelConfig.of(config)
+        super().__init__(vocab_size, config)
+        self.blocks = nn.ModuleList(
+            Block(config.d_model, n_heads, config.ffn_width, config.dropout) for _ in range(config.n_layers)
+        )
+        self.init_weights(n_residual=config.n_layers)
 
     def forward(self, input_ids: torch.Tensor) -> LMOutput:
         x = self.embed(input_ids)  # (B, N, D)

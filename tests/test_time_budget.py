@@ -48,7 +48,10 @@ def test_bad_budget_is_one_line():
 def test_fit_stops_on_time_and_ends_at_the_cosine_floor():
     args = ["--config", "configs/quickstart.yaml", *tiny_fit_args(), "--trainer.max_steps", "100000"]
     args += ["--trainer.val_check_interval", "null", "--trainer.limit_val_batches", "0"]
-    args += ["--model.init_args.warmup_steps", "0"]  # however few steps a loaded machine runs, the cosine alone sets the LR
+    args += [
+        "--model.init_args.warmup_steps",
+        "0",
+    ]  # however few steps a loaded machine runs, the cosine alone sets the LR
     cli = build(args)
     budget = TrainTimeBudget(seconds=1.0, start_after_steps=2)
     cli.trainer.callbacks.append(budget)

@@ -172,7 +172,8 @@ def jobs(spec: dict, smoke: bool, runs_root: Path) -> list[dict]:
 
 # ------------------------------------------------------------------------------------ measuring
 class ValCurve(L.Callback):
-    """Val ppl at every validation during training, against steps, tokens and training seconds."""
+    """Val ppl at every validation during training, against steps, tokens and training seconds (all
+    batches: train_seconds; after the warm-up steps, where compilation happens: timed_seconds)."""
 
     def __init__(self, throughput: Throughput) -> None:
         self.throughput, self.points = throughput, []
@@ -185,6 +186,7 @@ class ValCurve(L.Callback):
                     "step": trainer.global_step,
                     "tokens": t.tokens,
                     "train_seconds": t.train_seconds,
+                    "timed_seconds": t.timed_seconds,
                     "val_ppl": float(trainer.callback_metrics["val/ppl"]),
                 }
             )

@@ -6,6 +6,7 @@ the gathered matmuls, achieved sparsity tracking the target after a short traini
 
 from __future__ import annotations
 
+import math
 import tempfile
 from functools import partial
 from pathlib import Path
@@ -292,9 +293,8 @@ def test_capacity_keeps_each_rows_first_kept_positions():
 @pytest.mark.parametrize("train", [True, False])
 def test_causality_with_capacity(core, train):
     torch.manual_seed(0)
-    model = _mixed(MODELS["sparse_reduced" if core == "reduced" else "sparse_full"]())
-    for layer in sparse_layers(model):
-        layer.capacity = 0.4  # overflowing rows drop their later kept positions
+    extra = {} if core == "reduced" else {"core": "full", "target_sparsity": 0.75}
+    model = _mixed(SparseResNetBKLM(V, TINY, capacity=0.4, **extra))  # overflowing rows drop later kept positions
     model = model.double().train(train)
     _assert_causal(model, torch.randint(0, V, (2, 15)), (0, 7, 14), train)
     assert any(float(layer.last_keep.sum(1).max()) == 6 for layer in sparse_layers(model))  # at capacity
@@ -477,3 +477,13 @@ def test_bad_arguments():
         SparseBKLayer(D, D, causal=False)
     with pytest.raises(ValueError, match="capacity"):
         SparseBKLayer(D, D, capacity=1.5)
+
+
+@pytest.mark.parametrize("model_class", [SparseResNetBKLM, MultiScaleSparseLM])
+def test_models_pass_capacity_to_every_sparse_layer(model_class):
+    model = model_class(V, TINY, capacity=0.5)
+    assert sparse_layers(model) and all(layer.capacity == 0.5 for layer in sparse_layers(model))
+    out = model(torch.randint(0, V, (2, 12)))
+    assert out.logits.shape == (2, 12, V)
+    for layer in sparse_layers(model):  # static: B * ceil(capacity * N) rows at the layer's own resolution
+        assert layer.last_rows == 2 * math.ceil(0.5 * layer.last_keep.shape[1])

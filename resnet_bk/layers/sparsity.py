@@ -353,6 +353,7 @@ class SparseResNetBKBlock(ResNetBKBlock):
         core: Core = "reduced",
         predictor_kernel: int = 3,
         interp_kernel: int = 3,
+        capacity: Optional[float] = None,
     ):
         nn.Module.__init__(self)
         self.ln = nn.LayerNorm(d_model)
@@ -368,6 +369,7 @@ class SparseResNetBKBlock(ResNetBKBlock):
             core,
             predictor_kernel,
             interp_kernel,
+            capacity=capacity,
         )
 
 
@@ -406,6 +408,7 @@ class MultiScaleSparseBlock(nn.Module):
         core: Core = "reduced",
         predictor_kernel: int = 3,
         interp_kernel: int = 3,
+        capacity: Optional[float] = None,
     ):
         super().__init__()
         from resnet_bk.layers.multiscale import CausalDownsample, CausalUpsample
@@ -423,6 +426,7 @@ class MultiScaleSparseBlock(nn.Module):
                 core,
                 predictor_kernel,
                 interp_kernel,
+                capacity=capacity,
             )
 
         self.ln_down = nn.LayerNorm(d_model)

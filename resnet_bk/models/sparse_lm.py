@@ -19,6 +19,7 @@ threshold). aux_losses: "sparsity" (mean over layers of (expected sparsity - tar
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -62,6 +63,9 @@ class SparseResNetBKLM(ResNetBKLM):
         target_sparsity: fraction of positions each layer skips, in [0, 1); 0 is the dense model.
         core: "reduced" (resolvent at length K) or "full" (length N); the same values.
         predictor_kernel, interp_kernel: widths of the causal convolutions.
+        capacity: None (every layer gathers exactly its kept positions: two host reads a layer) or a
+            fraction in (0, 1]: static shapes, ceil(capacity N) slots a row, no host sync (see
+            resnet_bk.layers.sparsity.SparseBKLayer).
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class SparseResNetBKLM(ResNetBKLM):
         core: Core = "reduced",
         predictor_kernel: int = 3,
         interp_kernel: int = 3,
+        capacity: Optional[float] = None,
     ):
         config = causal_config(type(self).__name__, config)
         super().__init__(vocab_size, config)
@@ -90,6 +95,7 @@ class SparseResNetBKLM(ResNetBKLM):
                 core,
                 predictor_kernel,
                 interp_kernel,
+                capacity,
             )
             for _ in range(c.n_layers)
         )
@@ -124,7 +130,7 @@ class MultiScaleSparseLM(MultiScaleLM):
     """input_ids (B, N) -> LMOutput; MultiScaleLM (simple blocks, BK refinement) whose coarse and
     refinement blocks are SparseResNetBKBlocks. Args: MultiScaleLM's vocab_size and config
     (config.causal must be True; hierarchical and refine are fixed: False, "bk") and
-    target_sparsity, core, predictor_kernel, interp_kernel as SparseResNetBKLM. Stats add "ffn_rows/res<r>", "mix_tokens/res<r>" per input position."""
+    target_sparsity, core, predictor_kernel, interp_kernel, capacity as SparseResNetBKLM. Stats add "ffn_rows/res<r>", "mix_tokens/res<r>" per input position."""
 
     def __init__(
         self,
@@ -134,6 +140,7 @@ class MultiScaleSparseLM(MultiScaleLM):
         core: Core = "reduced",
         predictor_kernel: int = 3,
         interp_kernel: int = 3,
+        capacity: Optional[float] = None,
     ):
         config = causal_config(type(self).__name__, config)
         super().__init__(vocab_size, config, hierarchical=False, refine="bk")
@@ -151,6 +158,7 @@ class MultiScaleSparseLM(MultiScaleLM):
                 core,
                 predictor_kernel,
                 interp_kernel,
+                capacity,
             )
             for _ in range(len(self.blocks))
         )

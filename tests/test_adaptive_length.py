@@ -135,10 +135,13 @@ def test_short_and_odd_lengths_score_every_position(n, train):
     assert torch.isfinite(out.aux_losses["length"])
 
 
-@pytest.mark.parametrize("loss_name", ["length", "boundary_prior", "ce"])
+@pytest.mark.parametrize("loss_name", ["length", "boundary_prior", "rate_constraint", "ce"])
 def test_each_loss_reaches_the_boundary_predictor(loss_name):
     torch.manual_seed(0)
-    model = _model(prior_rate=0.25 if loss_name == "boundary_prior" else None).train()
+    model = _model(
+        prior_rate=0.25 if loss_name == "boundary_prior" else None,
+        rate_target=0.25 if loss_name == "rate_constraint" else None,
+    ).train()
     x = torch.randint(0, V, (2, 16))
     out = model(x)
     assert out.stats["boundary_rate"] > 0

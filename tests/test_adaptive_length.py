@@ -1,5 +1,6 @@
-"""Learned sequence length: pooling/upsampling by hand, causality (train with fixed noise, eval),
-per-position noise, inner rows counted, aux-loss gradients to the boundary predictor, config."""
+"""Learned sequence length: pooling/upsampling by hand, causality (train with fixed noise, eval), the
+rate constraint holding the evaluated boundary rate, per-position noise, inner rows counted, aux-loss
+gradients to the boundary predictor, config."""
 
 import tempfile
 
@@ -11,6 +12,7 @@ from fit_args import tiny_fit_args
 from resnet_bk.layers.adaptive_length import (
     BoundaryPredictor,
     boundary_prior_nll,
+    boundary_rate_constraint,
     causal_upsample,
     gumbel_sigmoid,
     segment_pool,
@@ -133,10 +135,13 @@ def test_short_and_odd_lengths_score_every_position(n, train):
     assert torch.isfinite(out.aux_losses["length"])
 
 
-@pytest.mark.parametrize("loss_name", ["length", "boundary_prior", "ce"])
+@pytest.mark.parametrize("loss_name", ["length", "boundary_prior", "rate_constraint", "ce"])
 def test_each_loss_reaches_the_boundary_predictor(loss_name):
     torch.manual_seed(0)
-    model = _model(prior_rate=0.25 if loss_name == "boundary_prior" else None).train()
+    model = _model(
+        prior_rate=0.25 if loss_name == "boundary_prior" else None,
+        rate_target=0.25 if loss_name == "rate_constraint" else None,
+    ).train()
     x = torch.randint(0, V, (2, 16))
     out = model(x)
     assert out.stats["boundary_rate"] > 0
@@ -184,3 +189,39 @@ def test_config_trains_two_steps_and_logs_compression():
 
 
 _TINY = tiny_fit_args(seq_len=16)
+
+
+def _short_training(rate_target, steps=25):
+    """Thresholded boundary rate (fraction of p_t > 0.5, what evaluation runs at) on held-out
+    batches after `steps` AdamW steps of CE + boundary_prior (+ rate_constraint) on random tokens."""
+    torch.manual_seed(0)
+    model = _model(init_boundary_rate=0.25, prior_rate=0.25, rate_target=rate_target).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        x = torch.randint(0, V, (8, 32))
+        out = model(x)
+        loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()) + sum(out.aux_losses.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        return model(torch.randint(0, V, (16, 32))).stats["boundary_rate"].item()
+
+
+def test_rate_constraint_holds_the_evaluated_boundary_rate():
+    # Without the constraint the prior holds only the sampled rate: every p_t stays near 0.25, so
+    # thresholding at 0.5 closes no segment at all (the measured collapse). With it: within 0.05.
+    assert _short_training(rate_target=None) == 0.0
+    assert abs(_short_training(rate_target=0.25) - 0.25) <= 0.05
+
+
+def test_rate_constraint_pushes_both_ways():
+    for rate in (0.05, 0.9):  # every p_t below or above 0.5: the loss lifts or lowers them
+        p = torch.full((4, 50), rate).requires_grad_()
+        p_vals = p + torch.linspace(0, 1e-3, 200).view(4, 50)  # distinct values, so the top fraction is defined
+        loss, thresholded = boundary_rate_constraint(p_vals, 0.25)
+        loss.backward()
+        pushed_up = (p.grad < 0).float().mean().item()  # gradient descent raises p where grad < 0
+        assert pushed_up == pytest.approx(0.25)
+        assert thresholded.item() == (0.0 if rate < 0.5 else 1.0)

@@ -149,3 +149,27 @@ def boundary_prior_nll(b: torch.Tensor, rate: float) -> torch.Tensor:
     log_choose = math.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
     log_binom = log_choose + k * math.log(rate) + (n - k) * math.log1p(-rate)
     return (-log_binom / max(n, 1)).mean().to(b.dtype)
+
+
+
+
+def boundary_rate_constraint(p: torch.Tensor, target: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss that holds the thresholded boundary rate at `target`: (p (B, N) boundary
+    probabilities, target in (0, 1)) -> (loss (), rate () = fraction of positions with p_t > 0.5,
+    the rate evaluation closes segments at).
+
+    loss = binary cross-entropy of p_t against y_t = [p_t among the batch's top `target` fraction]
+    (the k = ceil(target * B * N) largest, found on the device, no host sync): it pushes the top
+    fraction above 0.5 and the rest below, so both the thresholded rate and the sampled one (mean
+    p_t, once the p_t are near 0 or 1) go to the target, from above or from below. Which positions
+    rank highest is left to the LM loss (its straight-through gradient reaches the same logits);
+    this loss fixes only how many. A multiplier on the rate (dual ascent) cannot do this while the
+    p_t are alike: the thresholded rate then jumps between 0 and nearly 1 as their shared bias
+    crosses 0.
+    """
+    flat = p.float().flatten()
+    k = max(1, math.ceil(target * flat.numel()))
+    cut = flat.detach().topk(k).values[-1]  # the k-th largest probability
+    labels = (flat.detach() >= cut).float()
+    rate = (flat.detach() > 0.5).float().mean()
+    return torch.nn.functional.binary_cross_entropy(flat, labels), rate

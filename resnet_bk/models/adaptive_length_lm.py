@@ -11,7 +11,11 @@
 
 The inner length K is learned per input: the boundary predictor decides it, and the training
 module pays for it with a length penalty (aux "length" = K / N, the seed's) or a binomial prior
-on the boundary rate (aux "boundary_prior", DTP's). See resnet_bk.layers.adaptive_length for the
+on the boundary rate (aux "boundary_prior", DTP's). With rate_target set, aux "rate_constraint" holds
+the thresholded rate (the one evaluation runs at) at the target by pushing the batch's top
+rate_target fraction of boundary logits above 0.5 and the rest below. Without it, the prior holds
+the sampled training rate while every p_t stays near the prior rate, under 0.5, so that
+evaluation closes no segment at all. See resnet_bk.layers.adaptive_length for the
 causality argument and for why the seed's pool-truncate-pad version cannot be used for LM.
 
 References: Nawrot et al. 2023 (Dynamic Token Pooling), Nawrot et al. 2022 (Hourglass), nanoGPT.
@@ -25,6 +29,7 @@ import torch.nn as nn
 from resnet_bk.layers.adaptive_length import (
     BoundaryPredictor,
     boundary_prior_nll,
+    boundary_rate_constraint,
     causal_upsample,
     segment_close_positions,
     segment_pool,
@@ -52,11 +57,15 @@ class AdaptiveLengthLM(TiedEmbeddingLM):
         length_multiple: pad the inner length up to a multiple of this (the seed's length bins).
         eval_sampling: in eval mode, sample the boundaries as in training instead of thresholding
             the boundary probability at 0.5 (see BoundaryPredictor).
+        rate_target: None, or a rate in (0, 1): the fraction of positions with p_t > 0.5 (boundaries
+            per token at evaluation) that aux "rate_constraint" holds (boundary_rate_constraint).
 
-    aux_losses: "load_balance" (mean over all blocks; with num_experts > 1) and "length" or
-        "boundary_prior"; unweighted.
+    aux_losses: "load_balance" (mean over all blocks; with num_experts > 1), "length" or
+        "boundary_prior", and "rate_constraint" with rate_target; unweighted.
     stats: "compression_ratio" (B * N / closed segments), "inner_length_fraction" (executed inner
-        length K_pad / N), "boundary_rate", "g_abs_mean", expert loads.
+        length K_pad / N), "boundary_rate" (boundaries the forward ran with, per position),
+        "boundary_prob_mean", "g_abs_mean", expert loads; with rate_target, "thresholded_rate"
+        (fraction of p_t > 0.5, in any mode).
     """
 
     def __init__(
@@ -70,6 +79,7 @@ class AdaptiveLengthLM(TiedEmbeddingLM):
         prior_rate: float | None = None,
         length_multiple: int = 1,
         eval_sampling: bool = False,
+        rate_target: float | None = None,
     ):
         config = BKConfig.of(config)
         super().__init__(vocab_size, config)
@@ -81,10 +91,13 @@ class AdaptiveLengthLM(TiedEmbeddingLM):
             )
         if prior_rate is not None and not 0.0 < prior_rate < 1.0:
             raise ValueError(f"AdaptiveLengthLM: prior_rate must be in (0, 1) or None, got {prior_rate}.")
+        if rate_target is not None and not 0.0 < rate_target < 1.0:
+            raise ValueError(f"AdaptiveLengthLM: rate_target must be in (0, 1) or None, got {rate_target}.")
         if length_multiple < 1:
             raise ValueError(f"AdaptiveLengthLM: length_multiple must be >= 1, got {length_multiple}.")
         self.causal = config.causal
         self.prior_rate, self.length_multiple = prior_rate, length_multiple
+        self.rate_target = rate_target
 
         def blocks(n: int) -> nn.ModuleList:
             return nn.ModuleList(bk_block(config) for _ in range(n))
@@ -130,6 +143,8 @@ class AdaptiveLengthLM(TiedEmbeddingLM):
             aux_losses["length"] = (b.sum(1) / max(n, 1)).mean()
         else:
             aux_losses["boundary_prior"] = boundary_prior_nll(b, self.prior_rate)
+        if self.rate_target is not None:
+            aux_losses["rate_constraint"], stats["thresholded_rate"] = boundary_rate_constraint(p, self.rate_target)
         hard = b.detach() > 0.5
         stats["compression_ratio"] = torch.tensor(float(bsz * n), device=x.device) / closed.sum().clamp_min(1)
         stats["inner_length_fraction"] = torch.tensor(k_pad / max(n, 1))

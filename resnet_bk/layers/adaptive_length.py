@@ -151,8 +151,6 @@ def boundary_prior_nll(b: torch.Tensor, rate: float) -> torch.Tensor:
     return (-log_binom / max(n, 1)).mean().to(b.dtype)
 
 
-
-
 def boundary_rate_constraint(p: torch.Tensor, target: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss that holds the thresholded boundary rate at `target`: (p (B, N) boundary
     probabilities, target in (0, 1)) -> (loss (), rate () = fraction of positions with p_t > 0.5,

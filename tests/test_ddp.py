@@ -49,8 +49,9 @@ class Poisoned(LanguageModel):
 
 
 def train(out_dir, devices, batch_size, nan_at=None):
+    """Fit on the corpus in out_dir/data (written beforehand, once: ranks writing it at once race)."""
     torch.manual_seed(0)
-    data = WikiTextDataModule(source=corpus(os.path.join(out_dir, "data")), seq_len=8, batch_size=batch_size,
+    data = WikiTextDataModule(source=os.path.join(out_dir, "data"), seq_len=8, batch_size=batch_size,
                               cache_dir=os.path.join(out_dir, "cache"), seed=0)  # fmt: skip
     model = Poisoned(network=NET, vocab_size=data.vocab_size, lr=0.01, warmup_steps=0, nonfinite="skip", nan_at=nan_at)
     kwargs = {}
@@ -74,6 +75,7 @@ def _worker(rank, out_dir, port, nan_at):
 
 
 def run_ddp(out_dir, nan_at=None):
+    corpus(os.path.join(out_dir, "data"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

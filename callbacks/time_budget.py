@@ -28,6 +28,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from lightning_modules.language_model import warmup_cosine
+
 
 class TrainTimeBudget(L.Callback):
     """See the module docstring.
@@ -55,10 +57,7 @@ class TrainTimeBudget(L.Callback):
 
     def lr_factor(self, step: int) -> float:
         """The LR multiplier: linear warmup over the module's warmup_steps, then cosine over budget time."""
-        if step < self._warmup_steps:
-            return (step + 1) / self._warmup_steps
-        cos = 0.5 * (1.0 + math.cos(math.pi * self.progress()))
-        return self._min_lr_ratio + (1.0 - self._min_lr_ratio) * cos
+        return warmup_cosine(step, self._warmup_steps, math.inf, self._min_lr_ratio, progress=self.progress())
 
     def _sync(self, pl_module: L.LightningModule) -> None:
         if pl_module.device.type == "cuda":

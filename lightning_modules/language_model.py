@@ -85,15 +85,20 @@ class LossOutput(NamedTuple):
     logs: dict[str, torch.Tensor]  # logged as "<stage>/<key>": "ce", "aux/<name>", "stats/<name>"
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: float, min_lr_ratio: float) -> float:
+def warmup_cosine(
+    step: int, warmup_steps: int, total_steps: float, min_lr_ratio: float, progress: float | None = None
+) -> float:
     """LR multiplier: linear warmup to 1 over warmup_steps, then cosine decay to min_lr_ratio at total_steps.
 
     step counts optimizer steps from 0; the first step already gets 1 / warmup_steps (not 0).
-    Past total_steps the multiplier stays at min_lr_ratio.
+    Past total_steps the multiplier stays at min_lr_ratio. progress: the cosine's progress 0..1 given
+    directly (e.g. in budget time, callbacks.TrainTimeBudget) instead of from step and total_steps.
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1.0, total_steps - warmup_steps))
+    if progress is None:
+        progress = (step - warmup_steps) / max(1.0, total_steps - warmup_steps)
+    progress = min(1.0, progress)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 

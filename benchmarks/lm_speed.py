@@ -100,7 +100,7 @@ def profile_steps(step, steps: int) -> dict:
 
 def raw_loop(model: str, n: int, tokens: int, compiled: bool, args) -> dict:
     b = max(1, tokens // n)
-    module = build_module(model, n, "default" if compiled else False).cuda()
+    module = build_module(model, n, args.compile_mode if compiled else False).cuda()
     module.compile_loss()
     opt = torch.optim.AdamW(weight_decay_groups(module, 0.1), lr=1e-4, fused=True)
     vocab = module.hparams.vocab_size
@@ -139,6 +139,7 @@ def raw_loop(model: str, n: int, tokens: int, compiled: bool, args) -> dict:
         "N": n,
         "B": b,
         "compiled": compiled,
+        "compile_mode": args.compile_mode if compiled else None,
         "tokens_per_s": args.steps * b * n / elapsed,
         "step_ms": step_ms,
         "warmup_s": warmup_s,
@@ -190,6 +191,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=65536, help="tokens per step (B = tokens // N)")
     ap.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    ap.add_argument(
+        "--compile-mode",
+        default="default",
+        help="torch.compile mode of the compiled rows (reduce-overhead: CUDA graphs)",
+    )
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--profile-steps", type=int, default=3)

@@ -31,14 +31,15 @@ class SparsityTemperature(L.Callback):
 
     Args:
         start, end: the temperatures at step 0 and from step anneal_steps on (both > 0).
-        anneal_steps: length of the geometric anneal in optimizer steps.
+        anneal_steps: length of the geometric anneal in optimizer steps; None: the whole run
+            (trainer.max_steps), so a shorter run anneals fully too.
     """
 
-    def __init__(self, start: float = 1.0, end: float = 0.2, anneal_steps: int = 2000):
+    def __init__(self, start: float = 1.0, end: float = 0.2, anneal_steps: int | None = None):
         if start <= 0 or end <= 0:
             raise ValueError(f"SparsityTemperature: temperatures must be > 0, got start={start}, end={end}.")
-        if anneal_steps < 0:
-            raise ValueError(f"SparsityTemperature: anneal_steps must be >= 0, got {anneal_steps}.")
+        if anneal_steps is not None and anneal_steps < 0:
+            raise ValueError(f"SparsityTemperature: anneal_steps must be >= 0 or None, got {anneal_steps}.")
         self.start, self.end, self.anneal_steps = start, end, anneal_steps
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -47,6 +48,13 @@ class SparsityTemperature(L.Callback):
                 f"SparsityTemperature: {type(pl_module.model).__name__} has no learned-sparsity layer; "
                 "remove callbacks.SparsityTemperature from trainer.callbacks"
             )
+        if self.anneal_steps is None:
+            if trainer.max_steps is None or trainer.max_steps < 0:
+                raise ValueError(
+                    "SparsityTemperature: anneal_steps None anneals over trainer.max_steps, which is not set; "
+                    "set trainer.max_steps or the callback's anneal_steps"
+                )
+            self.anneal_steps = trainer.max_steps
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int

@@ -454,6 +454,19 @@ def test_lightning_module_weights_and_temperature():
     )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch] * 5, batch_size=None))
     assert all(layer.tau == pytest.approx(annealed_tau(4, 2.0, 0.5, 10)) for layer in sparse_layers(module.model))
+    whole_run = SparsityTemperature(start=2.0, end=0.5)  # anneal_steps None: over trainer.max_steps
+    trainer = L_.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_steps=5,
+        callbacks=[whole_run],
+    )
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch] * 5, batch_size=None))
+    assert whole_run.anneal_steps == 5
+    assert all(layer.tau == pytest.approx(annealed_tau(4, 2.0, 0.5, 5)) for layer in sparse_layers(module.model))
     dense = LanguageModel(
         network=partial(ResNetBKLM, config=BKConfig(d_model=D, n_layers=1, max_seq_len=16)), vocab_size=V
     )

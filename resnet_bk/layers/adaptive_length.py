@@ -170,4 +170,5 @@ def boundary_rate_constraint(p: torch.Tensor, target: float) -> tuple[torch.Tens
     cut = flat.detach().topk(k).values[-1]  # the k-th largest probability
     labels = (flat.detach() >= cut).float()
     rate = (flat.detach() > 0.5).float().mean()
-    return torch.nn.functional.binary_cross_entropy(flat, labels), rate
+    with torch.autocast(flat.device.type, enabled=False):  # CUDA autocast refuses binary_cross_entropy
+        return torch.nn.functional.binary_cross_entropy(flat, labels), rate

@@ -309,12 +309,8 @@ class GradientCachingLanguageModel(LanguageModel):
         # automatic alike); the automatic loop clips at this very point. The base class first checks
         # that every gradient is finite (and stops, or drops them all, per model.init_args.nonfinite).
         super().on_before_optimizer_step(optimizer)
-        if self.gradient_clip_val:
-            self.clip_gradients(
-                optimizer,
-                gradient_clip_val=self.gradient_clip_val,
-                gradient_clip_algorithm=self.gradient_clip_algorithm,
-            )
+        if self.gradient_clip_val:  # LanguageModel's clipping, which also handles a fused optimizer
+            self.configure_gradient_clipping(optimizer, self.gradient_clip_val, self.gradient_clip_algorithm)
 
     # ------------------------------------------------------------------------------ optimizer
     def configure_optimizers(self) -> dict[str, Any]:

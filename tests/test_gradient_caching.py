@@ -146,6 +146,24 @@ def test_trainer_clipping_and_accumulation_are_refused_so_the_module_hparams_mus
         trainer(max_steps=1, gradient_clip_val=1.0).fit(model, train_dataloaders=loader(make_batches(1)))
 
 
+def test_clipping_works_with_a_fused_optimizer():
+    """On a GPU under bf16 the optimizer is a fused AdamW, for which Lightning's clip_gradients refuses
+    to clip; the manual loop clips through LanguageModel.configure_gradient_clipping, which clips it
+    directly (nothing is scaled without a GradScaler)."""
+    model = GradientCachingLanguageModel(network=NET, vocab_size=V, gradient_clip_val=1e-3)
+    model.trainer = L.Trainer(
+        accelerator="cpu", precision="bf16-mixed", max_steps=0, logger=False, enable_checkpointing=False
+    )
+    optimizer = torch.optim.AdamW(model.parameters())
+    optimizer._step_supports_amp_scaling = True  # what a fused AdamW declares
+    model._fused_adamw = True
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    model.on_before_optimizer_step(optimizer)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()]))
+    assert norm == pytest.approx(1e-3, rel=1e-4)
+
+
 # ---------------------------------------------------------------------------------- hits
 @pytest.mark.parametrize("scale, monitor", [(1.0, False), (0.5, True)])
 def test_a_hit_applies_exactly_the_stored_gradient_without_backward(scale, monitor):

@@ -429,7 +429,7 @@ class Step6AllLM(TiedEmbeddingLM):
             else:
                 p = new_cum = cum
                 halt_now = running if last else torch.zeros_like(running)
-            if (exits or self.early_exit) and not last:
+            if self.early_exit and not last:
                 # e_l: the output if the position halted here (for halted ones: their final y)
                 exit_state = y + torch.where(running, 1.0 - cum, torch.zeros_like(cum)).unsqueeze(-1).to(x.dtype) * x
                 if not exits:

@@ -39,6 +39,7 @@ from resnet_bk.models.multiscale_lm import MultiScaleLM
 from resnet_bk.models.output import LMOutput
 from resnet_bk.models.resnet_bk_lm import ResNetBKLM
 from resnet_bk.models.sparse_lm import MultiScaleSparseLM, SparseResNetBKLM
+from resnet_bk.models.step6_all_lm import Step6AllLM
 from resnet_bk.models.transformer_lm import Block as TransformerBlock
 from resnet_bk.models.transformer_lm import TransformerLM
 
@@ -63,6 +64,8 @@ MODELS = {
     "multiscale_hierarchical": partial(MultiScaleLM, V, config=tiny(4), hierarchical=True),
     "sparse": partial(SparseResNetBKLM, V, config=tiny(2)),
     "multiscale_sparse": partial(MultiScaleSparseLM, V, config=tiny(2)),
+    # every technique but multi-scale (4 residual blocks: 1 pre, 1 inner, 2 steps); all: test_step6_all
+    "step6_all": partial(Step6AllLM, V, config=tiny(4), multiscale=False, prior_rate=0.25, halt_bias_init=0.0),
 }
 
 #: Parameters that a single train-mode step may leave without a gradient, and why.

@@ -23,6 +23,7 @@ from resnet_bk.models.conditional_moe_lm import ConditionalMoELM
 from resnet_bk.models.early_exit_lm import EarlyExitLM
 from resnet_bk.models.multiscale_lm import MultiScaleLM
 from resnet_bk.models.sparse_lm import MultiScaleSparseLM, SparseResNetBKLM
+from resnet_bk.models.step6_all_lm import Step6AllLM
 from resnet_bk.reduced_chain import pack_kept, reduced_green_diagonal, reduced_green_diagonal_reference
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -277,6 +278,7 @@ VARIANTS = {
     "multiscale_sparse": lambda r: _sparse_mixed(
         MultiScaleSparseLM(V, _tiny(replace(r, couplings="laplacian"), dropout=0.0))
     ),
+    "step6_all": lambda r: _sparse_mixed(Step6AllLM(V, _tiny(replace(r, couplings="laplacian"), 6), prior_rate=0.25)),
 }
 OPTIONS = {
     "channels": ResolventConfig(channels=3),
@@ -448,7 +450,7 @@ def test_mix_compiles_without_graph_breaks():
 
 VARIANT_CONFIGS = ["quickstart.yaml", "act.yaml", "act_multiscale.yaml", "adaptive_length.yaml", "conditional_moe.yaml",
                    "early_exit.yaml", "multiscale.yaml", "multiscale_hierarchical.yaml", "sparse_bk.yaml",
-                   "multiscale_sparse.yaml"]  # fmt: skip
+                   "multiscale_sparse.yaml", "step6_all.yaml"]  # fmt: skip
 
 
 @pytest.mark.parametrize("config", VARIANT_CONFIGS)
@@ -458,7 +460,7 @@ def test_every_variant_config_takes_the_options_by_name(config):
 
     from resnet_bk.cli import build
 
-    couplings = "laplacian" if "sparse" in config else "input"
+    couplings = "laplacian" if "sparse" in config or config == "step6_all.yaml" else "input"
     options = {"resolvent.channels": 2, "resolvent.learn_z": "true", "resolvent.z_imag_max": 2.0,
                "resolvent.couplings": couplings, "resolvent.gate": "silu"}  # fmt: skip
     with tempfile.TemporaryDirectory() as root:

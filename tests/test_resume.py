@@ -41,6 +41,8 @@ def depth_args(config: str) -> list[str]:
     init_args, name = network["init_args"], network["class_path"].rsplit(".", 1)[-1]
     if "MultiScale" in name:
         least = (4 if init_args.get("hierarchical") else 2) * (2 if name.startswith("ACT") else 1)
+    elif name == "Step6AllLM":  # pre and inner blocks, then 2 multi-scale blocks (early exit needs 2 steps)
+        least = init_args.get("n_pre", 1) + init_args.get("n_inner", 1) + 4
     elif name == "AdaptiveLengthLM":
         least = init_args.get("n_pre", 1) + init_args.get("n_post", 1) + 1
     else:

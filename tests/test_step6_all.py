@@ -1,0 +1,277 @@
+"""Step6AllLM (resnet_bk.models.step6_all_lm): every Step-6 technique in one model.
+
+Causality in train and eval mode (and with exits) for the full model and with each technique
+switched off in turn; shapes; a gradient for every parameter; the depth rule of ACT + early exit;
+each switch-off reducing to the single-technique model of the same weights; configs/step6_all.yaml
+fitting through the CLI."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fit_args import tiny_fit_args
+
+from resnet_bk.layers.early_exit import confidence
+from resnet_bk.models.act_multiscale_lm import ACTMultiScaleLM
+from resnet_bk.models.adaptive_length_lm import AdaptiveLengthLM
+from resnet_bk.models.conditional_moe_lm import ConditionalMoELM
+from resnet_bk.models.config import BKConfig
+from resnet_bk.models.early_exit_lm import EarlyExitLM
+from resnet_bk.models.multiscale_lm import MultiScaleLM
+from resnet_bk.models.resnet_bk_lm import ResNetBKLM
+from resnet_bk.models.sparse_lm import MultiScaleSparseLM
+from resnet_bk.models.step6_all_lm import Step6AllLM
+
+V, D, N = 40, 16, 20
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "step6_all.yaml"
+SWITCHES = ("multiscale", "act", "sparsity", "adaptive_length", "early_exit", "conditional_moe")
+LENGTH = {"prior_rate": 0.25, "rate_target": 0.25}  # as the config
+
+
+def tiny(n_layers: int = 6, dropout: float = 0.0, num_experts: int = 2) -> BKConfig:
+    return BKConfig(d_model=D, n_layers=n_layers, num_experts=num_experts, max_seq_len=32, dropout=dropout)
+
+
+def full(dropout: float = 0.0, off: str | None = None, **kw) -> Step6AllLM:
+    """Every technique on (n_layers 6: 1 pre, 1 inner, 2 multi-scale blocks), or all but `off`."""
+    switches = {name: name != off for name in SWITCHES}
+    n_layers = 4 if off == "adaptive_length" else 6
+    return Step6AllLM(V, tiny(n_layers, dropout), **switches, **LENGTH, halt_bias_init=0.0, **kw).double()
+
+
+def only(*on: str, n_layers: int = 4, dropout: float = 0.0, num_experts: int = 2, **kw) -> Step6AllLM:
+    switches = {name: name in on for name in SWITCHES}
+    return Step6AllLM(V, tiny(n_layers, dropout, num_experts), **switches, **kw).double()
+
+
+def _perturb(x: torch.Tensor, t: int) -> torch.Tensor:
+    y = x.clone()
+    y[:, t] = (y[:, t] + 1 + torch.arange(len(y))) % V  # a different token at t in every row
+    return y
+
+
+def _decisive(model: Step6AllLM) -> Step6AllLM:
+    """Larger random weights: keep, halt, exit, route and boundary decisions flip with a token."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
+    return model
+
+
+def _median_exit_threshold(model: Step6AllLM, x: torch.Tensor) -> float:
+    """A threshold at which about half of the positions exit after the first step."""
+    with torch.no_grad():
+        e_1 = model(x, exits=False).layer_hidden[0]
+        return float(confidence(model.head(e_1)).median())
+
+
+def _logits(model, ids, **kw):
+    torch.manual_seed(123)
+    return model(ids, **kw).logits
+
+
+def _assert_causal(model, x, **kw):
+    with torch.no_grad():
+        base = _logits(model, x, **kw)
+        for t in (1, 9, N - 1):
+            moved = _logits(model, _perturb(x, t), **kw)
+            torch.testing.assert_close(moved[:, :t], base[:, :t], atol=1e-12, rtol=0, msg=f"token {t} moved earlier")
+            assert (moved[:, t] - base[:, t]).abs().max() > 1e-9
+
+
+# ------------------------------------------------------------------------------------ causality
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("off", [None, *SWITCHES], ids=lambda o: "all_on" if o is None else f"no_{o}")
+def test_causal(off, train):
+    torch.manual_seed(0)
+    model = _decisive(full(dropout=0.1, off=off)).train(train)
+    x = torch.randint(0, V, (2, N), generator=torch.Generator().manual_seed(0))
+    if train:  # dropout is on: another seed moves the logits
+        with torch.no_grad():
+            torch.manual_seed(124)
+            assert (model(x).logits - _logits(model, x)).abs().max() > 1e-6
+    _assert_causal(model, x)
+
+
+@pytest.mark.parametrize("off", [None, "act", "sparsity", "multiscale"], ids=lambda o: f"no_{o}" if o else "all_on")
+def test_causal_with_exits(off):
+    torch.manual_seed(0)
+    model = _decisive(full(off=off)).eval()
+    x = torch.randint(0, V, (2, N), generator=torch.Generator().manual_seed(0))
+    model.set_exit_threshold(_median_exit_threshold(model, x))
+    with torch.no_grad():
+        assert 0 < float(model(x).stats["exit_frac"]) < 1  # some positions exit by confidence, some run on
+    _assert_causal(model, x)
+
+
+# ------------------------------------------------------------------------------ shapes, gradients
+@pytest.mark.parametrize("n", [1, 5, N])
+def test_shapes_and_stats(n):
+    model = full().train()
+    out = model(torch.randint(0, V, (2, n)))
+    assert out.logits.shape == (2, n, V) and torch.isfinite(out.logits).all()
+    want_aux = {"load_balance", "ponder", "sparsity", "boundary_prior", "rate_constraint", "compute"}
+    assert set(out.aux_losses) == want_aux
+    for key in ("layers_executed", "sparsity", "exit_layer_mean", "compression_ratio", "experts_per_token",
+                "ffn_rows_fraction", "ffn_rows/res2", "thresholded_rate"):  # fmt: skip
+        assert key in out.stats, key
+    assert len(out.layer_hidden) == len(model.blocks) - 1
+    assert all(h.shape == (2, n, D) for h in out.layer_hidden)
+
+
+def test_every_parameter_gets_a_gradient():
+    model = _decisive(full(dropout=0.1)).train()
+    x = torch.randint(0, V, (8, 33), generator=torch.Generator().manual_seed(0))
+    out = model(x[:, :-1])
+    exit_ce = sum(F.cross_entropy(model.head(h).flatten(0, 1), x[:, 1:].flatten()) for h in out.layer_hidden)
+    loss = F.cross_entropy(out.logits.flatten(0, 1), x[:, 1:].flatten()) + exit_ce + sum(out.aux_losses.values())
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+# ------------------------------------------------------------------------------------ depth rule
+def test_exits_halt_as_act_with_the_remainder_on_the_current_state():
+    """With exits, a position that leaves at step l outputs head(e_l), e_l = ACT's output with the
+    remainder on s_l; at threshold 0 everyone leaves after step 1, at a threshold no one reaches the
+    output is the ACT model's."""
+    torch.manual_seed(0)
+    model = _decisive(full()).eval()
+    x = torch.randint(0, V, (2, N))
+    with torch.no_grad():
+        ref = model(x, exits=False)
+        model.set_exit_threshold(0.0)
+        first = model(x)
+        torch.testing.assert_close(first.logits, model.head(ref.layer_hidden[0]), atol=1e-12, rtol=0)
+        assert float(first.stats["exit_layer_mean"]) == 1.0 and first.layer_hidden == []
+        model.set_exit_threshold(1.5)  # confidence <= 1: no exit
+        torch.testing.assert_close(model(x).logits, ref.logits, atol=1e-12, rtol=0)
+        assert float(model(x).stats["exit_frac"]) == 0.0
+
+
+def test_exits_skip_feed_forward_rows():
+    model = full(off="sparsity").eval()  # without sparsity, a halted position's rows are not run
+    x = torch.randint(0, V, (2, N))
+    with torch.no_grad():
+        all_rows = float(model(x, exits=False).stats["ffn_rows_fraction"])
+        model.set_exit_threshold(0.0)
+        exit_rows = float(model(x).stats["ffn_rows_fraction"])
+    assert exit_rows < all_rows <= 1.0
+
+
+# ------------------------------------------------------------------------------------ reductions
+def _same(ours: torch.nn.Module, theirs: torch.nn.Module, rename: dict[str, str] | None = None, **kw):
+    """Load `theirs`' weights (made decisive) into `ours` and compare logits (and aux losses) in train
+    and eval mode."""
+    state = _decisive(theirs).state_dict()
+    for old, new in (rename or {}).items():
+        state = {k.replace(old, new, 1) if k.startswith(old) else k: v for k, v in state.items()}
+    ours.load_state_dict(state)
+    x = torch.randint(0, V, (2, N), generator=torch.Generator().manual_seed(0))
+    for train in (True, False):
+        ours.train(train), theirs.train(train)
+        with torch.no_grad():
+            torch.manual_seed(5)
+            a = ours(x, **kw)
+            torch.manual_seed(5)
+            b = theirs(x, **kw)
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-12, rtol=0)
+        assert set(a.aux_losses) == set(b.aux_losses)
+        for k in b.aux_losses:
+            torch.testing.assert_close(a.aux_losses[k], b.aux_losses[k], atol=1e-12, rtol=0)
+    return a, b
+
+
+def _theirs(cls, n_layers=4, dropout=0.1, num_experts=2, **kw):
+    torch.manual_seed(1)
+    return cls(V, tiny(n_layers, dropout, num_experts), **kw).double()
+
+
+def test_multiscale_only_is_multiscale_lm():
+    _same(only("multiscale", dropout=0.1), _theirs(MultiScaleLM))
+
+
+def test_everything_off_is_resnet_bk_lm():
+    _same(only(dropout=0.1), _theirs(ResNetBKLM))
+
+
+def test_act_and_multiscale_is_act_multiscale_lm():
+    ours = only("multiscale", "act", n_layers=6, dropout=0.1)
+    a, b = _same(ours, _theirs(ACTMultiScaleLM, n_layers=6))
+    assert a.stats["layers_executed"] == b.stats["layers_executed"]
+    assert 1 < float(a.stats["layers_executed"]) < 3  # halting differs between positions
+
+
+def test_sparsity_and_multiscale_is_multiscale_sparse_lm():
+    a, b = _same(only("multiscale", "sparsity", dropout=0.1), _theirs(MultiScaleSparseLM))
+    assert a.stats["sparsity"] == b.stats["sparsity"] and 0 < float(a.stats["sparsity"]) < 1
+
+
+def test_conditional_moe_only_is_conditional_moe_lm():
+    kw = dict(num_experts=3, top_p=0.5, max_experts=2)
+    a, b = _same(only("conditional_moe", dropout=0.1, **kw), _theirs(ConditionalMoELM, **kw))
+    assert a.stats["experts_per_token"] == b.stats["experts_per_token"]
+    assert 1 < float(a.stats["experts_per_token"]) < 2
+
+
+def test_learned_length_only_is_adaptive_length_lm():
+    """AdaptiveLengthLM's post blocks are the stack here."""
+    kw = dict(n_pre=1, length_multiple=2, **LENGTH)
+    ours = only("adaptive_length", dropout=0.1, n_inner=2, **kw)
+    a, b = _same(ours, _theirs(AdaptiveLengthLM, n_post=1, **kw), rename={"post_blocks.": "blocks."})
+    assert a.stats["compression_ratio"] == b.stats["compression_ratio"] and float(a.stats["compression_ratio"]) > 1
+
+
+def test_early_exit_only_without_exits_is_early_exit_lm():
+    """All layers (no threshold): the same logits and intermediate states. With exits the two differ
+    in what an exited position feeds the later chains (docs/step6_all_model.md)."""
+    a, b = _same(only("early_exit", n_layers=3, dropout=0.1), _theirs(EarlyExitLM, n_layers=3))
+    assert len(a.layer_hidden) == len(b.layer_hidden) == 2
+    for h, g in zip(a.layer_hidden, b.layer_hidden):
+        torch.testing.assert_close(h, g, atol=1e-12, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"n_pre": 3, "n_inner": 3}, r"Step6AllLM: learned length needs .* at least one residual block left"),
+        ({"n_pre": 1, "n_inner": 2}, r"Step6AllLM: the stack's residual blocks .* = 3\) must be a multiple of 2"),
+        ({"hierarchical": True}, r"Step6AllLM: sparse multi-scale blocks are simple"),
+        ({"min_exit_layer": 2}, r"Step6AllLM: min_exit_layer must be in 1..1"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Step6AllLM(V, tiny(6), **kwargs)
+
+
+def test_threshold_needs_early_exit():
+    model = only("multiscale")
+    assert model.get_exit_threshold() is None
+    with pytest.raises(ValueError, match="early exit is off"):
+        model.set_exit_threshold(0.5)
+
+
+# ------------------------------------------------------------------------------------------- fit
+def test_config_fits_through_the_cli():
+    from lightning_modules.early_exit import EarlyExitLanguageModel
+    from resnet_bk.cli import build
+
+    with tempfile.TemporaryDirectory() as root:
+        cli = build(["--config", str(CONFIG), *tiny_fit_args(seq_len=16, d_model=D), "--trainer.default_root_dir",
+                     root, "--trainer.callbacks+=callbacks.SparsityTemperature"])  # fmt: skip
+        assert isinstance(cli.model, EarlyExitLanguageModel) and isinstance(cli.model.model, Step6AllLM)
+        cli.trainer.fit(cli.model, cli.datamodule)
+    metrics = cli.trainer.callback_metrics
+    assert cli.trainer.global_step == 2 and torch.isfinite(metrics["val/ppl"])
+    for key in ("train/aux/ponder", "train/aux/sparsity", "train/aux/rate_constraint", "train/aux/compute",
+                "train/aux/exit_ce", "train/tau", "val/stats/layers_executed", "val/stats/exit_layer_mean",
+                "val/stats/sparsity", "val/stats/compression_ratio", "val/stats/experts_per_token",
+                "val/ppl_all_layers", "val/exit/threshold"):  # fmt: skip
+        assert key in metrics, key

@@ -415,6 +415,8 @@ def markdown(report: dict, spec: dict) -> str:
         "(torch.utils.flop_counter). Several seeds: mean ± sd.",
         "",
     ]
+    if report.get("note"):  # what the person who ran it must add, e.g. runs that did not finish
+        lines += [f"Note: {report['note']}", ""]
     if report["parallel"] > 1:
         lines += [
             f"Runs shared the device ({report['parallel']} at once): compare their tokens, not their timings.",

@@ -70,7 +70,12 @@ from callbacks.continued_run import ContinuedRun
 from callbacks.first_screen import ModelSummaryWithoutFlops, step_progress_bar
 from lightning_modules import LanguageModel
 from lightning_modules.checkpoint_io import AtomicCheckpointIO, read_checkpoint
-from resnet_bk.cli_input import check_config_files, nearest_key_hint, yaml_spelling_of_nonfinite
+from resnet_bk.cli_input import (
+    check_config_files,
+    nearest_key_hint,
+    null_of_nested_class_args,
+    yaml_spelling_of_nonfinite,
+)
 
 DEBUG_ENV = "RESNET_BK_DEBUG"
 DEFAULT_ROOT_DIR = "runs"
@@ -186,7 +191,7 @@ class ResNetBKCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         if isinstance(args, (list, tuple)):
-            args = yaml_spelling_of_nonfinite(list(args))
+            args = null_of_nested_class_args(yaml_spelling_of_nonfinite(list(args)))
             check_config_files(args)
         # build(args) runs under pytest or Jupyter, whose sys.argv is theirs: LightningCLI's warning
         # about args given beside sys.argv would fire on every call.

@@ -5,6 +5,9 @@
 - `yaml_spelling_of_nonfinite(args)`: `nan`, `inf`, `-inf` given as values become YAML's `.nan`,
   `.inf`, `-.inf`, so that they reach the classes as floats and are refused there by name
   ("lr must be a finite positive number, got nan") instead of as "not a float".
+- `null_of_nested_class_args(args)`: `--a.init_args.b.init_args.k null` (an argument of a class
+  nested in another class's arguments) becomes `--a.init_args.b '{"init_args": {"k": null}}'`, a
+  merge jsonargparse accepts, where it rejects the null given directly ("Expected a <class 'float'>").
 - `nearest_key_hint(message, option_strings)`: for a jsonargparse "not accepted / unrecognized"
   message, "; did you mean lr?" with the closest valid key (a class's init arguments and the
   fields of its option blocks, e.g. config.d_model), else "".
@@ -16,6 +19,7 @@ import dataclasses
 import difflib
 import importlib
 import inspect
+import json
 import re
 import typing
 from pathlib import Path
@@ -91,6 +95,34 @@ def yaml_spelling_of_nonfinite(args: list[str]) -> list[str]:
             out.append(_NONFINITE.get(arg.lower(), arg))
         else:
             out.append(arg)
+    return out
+
+
+_NULL = {"null", "none", "~"}
+
+
+def null_of_nested_class_args(args: list[str]) -> list[str]:
+    """`args` with each null given to a nested class's argument written as a merge into that class."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        key, value, width = None, None, 1
+        if arg.startswith("--") and "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif arg.startswith("--") and i + 1 < len(args):
+            key, value, width = arg[2:], args[i + 1], 2
+        if key is not None and value.lower() in _NULL and key.count(".init_args.") >= 2:
+            owner, _, field = key.rpartition(".init_args.")
+            merge: dict = {}
+            node = merge.setdefault("init_args", {})
+            *parents, last = field.split(".")
+            for name in parents:
+                node = node.setdefault(name, {})
+            node[last] = None
+            out += [f"--{owner}", json.dumps(merge)]
+        else:
+            out += args[i : i + width]
+        i += width
     return out
 
 

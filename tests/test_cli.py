@@ -211,3 +211,31 @@ def test_help_names_the_model_and_data_options_and_lists_only_the_projects_netwo
     assert "torch.nn" not in model_help and len(model_help.splitlines()) < 100
     network_help = help_page(capsys, "fit", "--model.init_args.network.help", "ResNetBKLM")
     assert "--network.config.d_model" in network_help and "--network.config.num_experts" in network_help
+
+
+def test_null_for_an_argument_of_a_nested_class_on_the_command_line():
+    """jsonargparse refuses `null` given directly to an argument of a class nested in another's
+    (prior_rate of the network inside the LightningModule: "Expected a <class 'float'>"); the CLI
+    writes it as a merge into that class, which keeps every other argument of the config."""
+    from resnet_bk.cli_input import null_of_nested_class_args
+
+    key = "--model.init_args.network.init_args.config.resolvent.z_imag_max"
+    merge = '{"init_args": {"config": {"resolvent": {"z_imag_max": null}}}}'
+    assert null_of_nested_class_args([key, "null", "--trainer.max_steps", "2"]) == [
+        "--model.init_args.network",
+        merge,
+        "--trainer.max_steps",
+        "2",
+    ]
+    assert null_of_nested_class_args([f"{key}=None"]) == ["--model.init_args.network", merge]
+    assert null_of_nested_class_args(["--model.init_args.lr", "null", key, "0.5"]) == [
+        "--model.init_args.lr",
+        "null",
+        key,
+        "0.5",
+    ]
+    cli = build(["--config", "configs/adaptive_length.yaml", "--model.init_args.network.init_args.prior_rate", "null"])
+    assert cli.model.model.prior_rate is None and cli.model.model.rate_target == 0.25
+    cli = build(["--config", "configs/resnet_bk.yaml", key, "null"])
+    resolvent = cli.model.model.config.resolvent
+    assert resolvent.z_imag_max is None and resolvent.channels == 64 and resolvent.gate == "sigmoid"

@@ -213,7 +213,7 @@ def test_help_names_the_model_and_data_options_and_lists_only_the_projects_netwo
     assert "--network.config.d_model" in network_help and "--network.config.num_experts" in network_help
 
 
-def test_null_for_an_argument_of_a_nested_class_on_the_command_line():
+def test_null_for_an_argument_of_a_nested_class_on_the_command_line(tmp_path):
     """jsonargparse refuses `null` given directly to an argument of a class nested in another's
     (prior_rate of the network inside the LightningModule: "Expected a <class 'float'>"); the CLI
     writes it as a merge into that class, which keeps every other argument of the config."""
@@ -234,8 +234,10 @@ def test_null_for_an_argument_of_a_nested_class_on_the_command_line():
         key,
         "0.5",
     ]
-    cli = build(["--config", "configs/adaptive_length.yaml", "--model.init_args.network.init_args.prior_rate", "null"])
+    where = ["--trainer.default_root_dir", str(tmp_path), *ON_CPU]
+    prior_rate = "--model.init_args.network.init_args.prior_rate"
+    cli = build(["--config", str(CONFIGS / "adaptive_length.yaml"), prior_rate, "null", *where])
     assert cli.model.model.prior_rate is None and cli.model.model.rate_target == 0.25
-    cli = build(["--config", "configs/resnet_bk.yaml", key, "null"])
+    cli = build(["--config", str(CONFIGS / "resnet_bk.yaml"), key, "null", *where])
     resolvent = cli.model.model.config.resolvent
     assert resolvent.z_imag_max is None and resolvent.channels == 64 and resolvent.gate == "sigmoid"

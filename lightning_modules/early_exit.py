@@ -15,7 +15,9 @@ threshold is used. The calibration data are training batches, never the split be
 Validation / test run the network WITH exits (that is the model being evaluated: "val/ppl"), and,
 with measure_full_depth, a second time through all layers ("val/ppl_all_layers"); the perplexity
 cost of exiting is "val/ppl_exit_cost" = ppl / ppl_all_layers. The exit statistics are logged as
-"val/stats/exit_layer_mean" and "val/stats/ffn_rows_fraction".
+"val/stats/exit_layer_mean" and "val/stats/ffn_rows_fraction" (and, when the network has a static-shape
+capacity, "val/stats/capacity_overflow"). With a capacity the threshold enters the network's exit path
+as a tensor, so a compiled evaluation (compile: true) keeps one graph across recalibrations.
 """
 
 from __future__ import annotations

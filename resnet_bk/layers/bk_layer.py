@@ -117,10 +117,14 @@ class BKLayer(nn.Module):
             stats.update(z_imag_min=im.min(), z_imag_mean=im.mean(), z_imag_max=im.max(), z_real_mean=re.mean())
         return stats
 
-    def feed_forward(self, x: torch.Tensor, gathered: Gathered | None = None):
+    def feed_forward(self, x: torch.Tensor, gathered: Gathered | None = None, valid: torch.Tensor | None = None):
         """(..., D) -> (h (..., D), aux_losses, stats); each position on its own. gathered:
-        (index, G) when x holds rows gathered from a grid of G positions (dropout draws the grid)."""
-        return self.moe(x, gathered)
+        (index, G) when x holds rows gathered from a grid of G positions (dropout draws the grid).
+        valid: None, or (...) bool, False at padding rows of a static-shape batch (h = 0 there; they
+        are left out of the MoE's load statistics)."""
+        if valid is None:
+            return self.moe(x, gathered)
+        return self.moe(x, gathered, valid)
 
     def forward(self, x: torch.Tensor, gathered: Gathered | None = None):
         h, aux_losses, stats = self.feed_forward(x, gathered)

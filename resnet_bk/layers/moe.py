@@ -186,8 +186,11 @@ class MoEFeedForward(nn.Module):
         "expert_load_max" (1/num_experts when perfectly balanced).
     gathered: None, or (index, G) when x holds rows gathered from a grid of G positions
       (resnet_bk.layers.dropout), so that the dropout mask is drawn for the whole grid.
+    valid: None, or (T,) bool marking the real rows of a static-shape batch whose other rows are
+      padding: padding rows get output 0, reach no expert's matmul (num_experts > 1) and are left out
+      of the load-balance loss and the expert loads, so those equal the ones of the real rows alone.
     After each forward, `last_rows_per_expert` is an (E,) device tensor of how many rows each expert
-    ran on; the rows sum to T * top_k for T tokens.
+    ran on; the rows sum to T * top_k for T (real) tokens.
     """
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int = 4, top_k: int = 1, dropout: float = 0.0):
@@ -202,12 +205,17 @@ class MoEFeedForward(nn.Module):
         self.dropout = PositionDropout(dropout)
         self.last_rows_per_expert: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, gathered: Gathered | None = None):
+    def forward(self, x: torch.Tensor, gathered: Gathered | None = None, valid: torch.Tensor | None = None):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (T, D)
+        valid = None if valid is None else valid.reshape(-1)
         if self.router is None:
-            self.last_rows_per_expert = torch.full((1,), x.shape[0], device=x.device)
-            return self.dropout(self.experts(x), gathered).reshape(shape), {}, {}
+            if valid is None:
+                self.last_rows_per_expert = torch.full((1,), x.shape[0], device=x.device)
+                return self.dropout(self.experts(x), gathered).reshape(shape), {}, {}
+            self.last_rows_per_expert = valid.sum().reshape(1)
+            out = torch.where(valid[:, None], self.experts(x), 0.0)
+            return self.dropout(out, gathered).reshape(shape), {}, {}
 
         probs = F.softmax(self.router(x), dim=-1)  # (T, E)
         # (T, k) each; max for k = 1: a row-wise reduction, where topk launches a slow selection kernel
@@ -217,13 +225,20 @@ class MoEFeedForward(nn.Module):
             # otherwise the gate would be 1 and the router would get no gradient from the LM loss.
             gate = gate / gate.sum(-1, keepdim=True)
         token = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.top_k)
-        out, rows = dispatch(x, self.experts, token, expert.reshape(-1), gate.reshape(-1))
+        pair_valid = None if valid is None else valid.repeat_interleave(self.top_k)
+        out, rows = dispatch(x, self.experts, token, expert.reshape(-1), gate.reshape(-1), pair_valid)
         self.last_rows_per_expert = rows
 
         # Switch load-balancing loss: f_e = fraction of routed rows, P_e = mean router probability.
         # Only P_e carries a gradient; the loss is 1 at perfect balance and num_experts at collapse.
-        f = rows.to(probs.dtype) / max(expert.numel(), 1)
-        load_balance = self.num_experts * (f * probs.mean(0)).sum()
+        if valid is None:
+            f = rows.to(probs.dtype) / max(expert.numel(), 1)
+            mean_probs = probs.mean(0)
+        else:  # real rows only (a count on the device: no host sync)
+            n_valid = valid.sum().clamp_min(1).to(probs.dtype)
+            f = rows.to(probs.dtype) / (n_valid * self.top_k)
+            mean_probs = torch.where(valid[:, None], probs, 0.0).sum(0) / n_valid
+        load_balance = self.num_experts * (f * mean_probs).sum()
         stats = {f"expert_load/{e}": f[e] for e in range(self.num_experts)}
         stats["expert_load_max"] = f.max()
         return self.dropout(out, gathered).reshape(shape), {"load_balance": load_balance}, stats

@@ -26,6 +26,10 @@ Under ACT (resnet_bk.layers.act) a block takes a `running` mask: the refinement'
 runs on running positions only, and a coarse token's feed-forward runs only if one of the two
 positions it pools is still running (a causal rule: it reads positions 2j, 2j+1 and feeds
 positions >= 2j+1); every BK-core mix still runs over the whole sequence at its resolution.
+With ACT's capacity (static shapes) the block also takes `slots`, the rows per sequence gathered at
+full resolution (running holds at most that many per row); a level of m tokens gathers
+min(slots, m): every active coarse token has a running position of its own among the two it pools,
+so a coarse level never holds more active tokens than its finer level, and never overflows.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn as nn
 
-from resnet_bk.layers.act import active_rows, run_bk_block
+from resnet_bk.layers.act import active_rows, add_weighted, capacity_rows, run_bk_block, scatter_rows, weighted_means
 from resnet_bk.layers.bk_layer import ResNetBKBlock
 from resnet_bk.layers.dropout import PositionDropout
 from resnet_bk.layers.moe import Expert
@@ -97,9 +101,15 @@ class MLPRefine(nn.Module):
         self.mlp = Expert(d_model, d_ff)
         self.dropout = PositionDropout(dropout)
 
-    def forward(self, x: torch.Tensor, running: Optional[torch.Tensor] = None):
-        """-> (x + MLP(LN(x)) at the running rows (x elsewhere), rows run)."""
+    def forward(self, x: torch.Tensor, running: Optional[torch.Tensor] = None, slots: Optional[int] = None):
+        """-> (x + MLP(LN(x)) at the running rows (x elsewhere), rows run). slots: static shapes,
+        B * slots gathered rows (resnet_bk.layers.act.capacity_rows), padding included in rows run."""
         b, n, d = x.shape
+        if running is not None and slots is not None:
+            index, _, within = capacity_rows(running, slots)
+            rows = x.reshape(b * n, d).index_select(0, index)
+            y = rows + self.dropout(self.mlp(self.ln(rows)), (index, b * n))
+            return scatter_rows(y, within, x), b * slots
         idx = active_rows(running)
         if idx is None or idx.numel() == b * n:
             return x + self.dropout(self.mlp(self.ln(x))), b * n
@@ -129,10 +139,11 @@ class MultiScaleBlock(nn.Module):
         refine: "bk", a ResNet-BK block at full resolution; "mlp", a position-wise MLP of width
             refine_d_ff (default d_ff).
 
-    forward(x, running=None): running (B, N) bool restricts the feed-forwards as described in the
-    module docstring (None: everything runs). work counts, per resolution r in {1, 2, 4} (1/r of
-    the positions): "ffn_rows/res<r>" rows that entered a feed-forward, "mix_tokens/res<r>"
-    positions that went through a BK-core mix.
+    forward(x, running=None, slots=None): running (B, N) bool restricts the feed-forwards as
+    described in the module docstring (None: everything runs); slots (an int, with running): static
+    shapes, min(slots, tokens) rows gathered per sequence at each resolution. work counts, per
+    resolution r in {1, 2, 4} (1/r of the positions): "ffn_rows/res<r>" rows that entered a
+    feed-forward, "mix_tokens/res<r>" positions that went through a BK-core mix.
     """
 
     def __init__(
@@ -168,18 +179,21 @@ class MultiScaleBlock(nn.Module):
         self.up = CausalUpsample(d_model)
         self.refine = bk_block() if refine == "bk" else MLPRefine(d_model, refine_d_ff or d_ff, dropout)
 
-    def forward(self, x: torch.Tensor, running: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, running: Optional[torch.Tensor] = None, slots: Optional[int] = None):
         b, n, _ = x.shape
-        aux_sums: dict[str, list] = {}  # name -> values, one per BK block that returned it
+        static = running is not None and slots is not None
+        aux_sums: dict[str, list] = {}  # name -> (value, weight), one per BK block that returned it
         stat_sums: dict[str, list] = {}
         counts: dict[str, int] = {}
 
         def bk(block, h, mask, res):
-            h, aux, stats, rows = run_bk_block(block, h, mask)
-            for k, v in aux.items():
-                aux_sums.setdefault(k, []).append(v)
-            for k, v in stats.items():
-                stat_sums.setdefault(k, []).append(v)
+            level_slots = min(slots, h.shape[1]) if static else None
+            h, aux, stats, rows = run_bk_block(block, h, mask, level_slots)
+            # Static: a block whose every slot is padding counts for nothing in the means (as the
+            # exact path, where such a block returns no aux losses or stats).
+            weight = mask.any().to(torch.float32) if static else 1.0
+            add_weighted(aux_sums, aux, weight)
+            add_weighted(stat_sums, stats, weight)
             counts[f"ffn_rows/res{res}"] = counts.get(f"ffn_rows/res{res}", 0) + rows
             counts[f"mix_tokens/res{res}"] = counts.get(f"mix_tokens/res{res}", 0) + h.shape[0] * h.shape[1]
             return h
@@ -198,9 +212,7 @@ class MultiScaleBlock(nn.Module):
         if self.refine_kind == "bk":
             x = bk(self.refine, x, running, 1)
         else:
-            x, rows = self.refine(x, running)
+            x, rows = self.refine(x, running, slots) if static else self.refine(x, running)
             counts["ffn_rows/res1"] = counts.get("ffn_rows/res1", 0) + rows
 
-        aux = {k: sum(v) / len(v) for k, v in aux_sums.items()}
-        stats = {k: sum(v) / len(v) for k, v in stat_sums.items()}
-        return x, aux, stats, counts
+        return x, weighted_means(aux_sums), weighted_means(stat_sums), counts

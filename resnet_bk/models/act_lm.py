@@ -5,6 +5,8 @@ position how many blocks to take (resnet_bk.layers.act.AdaptiveDepth): a positio
 halting probability reaches the threshold stops, its feed-forward/MoE rows are no longer computed,
 its state is frozen (and still feeds the later blocks' causal BK-core chain), and the layer loop
 ends once every position of the batch has halted. The LM head reads the ACT-weighted state.
+With `capacity` the layers after the first gather a fixed ceil(capacity N) rows per sequence and
+the loop runs every layer (static shapes, no host sync; see resnet_bk.layers.act).
 
 References:
 1) Graves 2016, "Adaptive Computation Time for Recurrent Neural Networks".
@@ -12,6 +14,8 @@ References:
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -29,28 +33,36 @@ class ACTResNetBKLM(ResNetBKLM):
         act_threshold: a position halts once its cumulative halting probability reaches this.
         halt_bias_init: initial bias of the halting units (1.0: every position takes 2 layers at
             initialisation, as in Universal Transformers; negative: all layers at first).
+        capacity: None (exact gather of the running rows, host syncs) or a fraction in (0, 1]:
+            static shapes, resnet_bk.layers.act.AdaptiveDepth's capacity.
 
     aux_losses: "ponder" (mean N + R over positions, unweighted) and "load_balance" (mean over the
         layers that ran; absent when num_experts = 1).
     stats: "layers_executed" (mean over positions of the layers taken), "layers_run" (layers the
-        batch entered), "halt_frac/<l>" (fraction of positions halting at layer l), "ffn_rows_frac"
-        (feed-forward rows run / (positions * n_layers)), "g_abs_mean", expert loads.
+        batch entered), "halt_frac/<l>" (fraction of positions halting at layer l: the histogram
+        of executed depth), "ffn_rows_frac" (feed-forward rows run / (positions * n_layers),
+        padding slots included), "g_abs_mean", expert loads; with a capacity "capacity_overflow".
     """
 
     def __init__(
-        self, vocab_size: int, config: BKConfig = BKConfig(), act_threshold: float = 0.99, halt_bias_init: float = 1.0
+        self,
+        vocab_size: int,
+        config: BKConfig = BKConfig(),
+        act_threshold: float = 0.99,
+        halt_bias_init: float = 1.0,
+        capacity: Optional[float] = None,
     ):
         config = BKConfig.of(config)
         super().__init__(vocab_size, config)
-        self.act = AdaptiveDepth(config.d_model, config.n_layers, act_threshold, halt_bias_init)
+        self.act = AdaptiveDepth(config.d_model, config.n_layers, act_threshold, halt_bias_init, capacity)
 
     def forward(self, input_ids: torch.Tensor) -> LMOutput:
         b, n = input_ids.shape
         x = self.embed(input_ids)  # (B, N, D)
 
         def step(block):
-            def run(x, running):
-                x, aux, stats, rows = run_bk_block(block, x, running)
+            def run(x, running, slots=None):
+                x, aux, stats, rows = run_bk_block(block, x, running, slots)
                 return x, aux, stats, {"ffn_rows": rows}
 
             return run

@@ -29,8 +29,23 @@ is set"):
 Causality: the exit decision at t reads x_t only, the copied state of t is t's own, and the
 feed-forward is position-wise, so logits at t still depend on tokens 0..t only.
 
+Static shapes (`capacity`, default None). The exit path above gathers exactly the active rows:
+their number is read back to the host after every layer, and the loop ends on such a read. With a
+capacity c in (0, 1] nothing is read back and every shape is fixed:
+  - the layers up to min_exit_layer run every position (none can have exited yet);
+  - every later layer gathers K_cap = ceil(c N) slots per sequence: the row's FIRST K_cap active
+    positions, in order, then padding slots that run and are discarded (the head scores them and
+    writes their logits to a discarded row; they reach no expert's matmul);
+  - overflow: an active position beyond its row's first K_cap exits before the layer, with the
+    logits of the last layer it ran (already computed for its exit test), and is counted in the
+    stat "capacity_overflow" (overflowing / active, over the gathered layers);
+  - the loop always runs the L layers; the threshold is read as a tensor.
+Whether position t gets a slot depends on how many positions s <= t of its row are active, i.e.
+on tokens 0..t only: causal. capacity=1.0 never overflows and gives the exact path's logits.
+
 stats (besides ResNetBKLM's): "exit_layer_mean" (1-based; L for a position that never exits) and
-"ffn_rows_fraction" (feed-forward rows run / (L * B * N); 1.0 without exits).
+"ffn_rows_fraction" (feed-forward rows run / (L * B * N), padding slots included; 1.0 without
+exits); with a capacity and exits, "capacity_overflow".
 """
 
 from __future__ import annotations
@@ -40,6 +55,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from resnet_bk.layers.act import add_weighted, capacity_rows, check_capacity, scatter_rows, weighted_means
 from resnet_bk.layers.early_exit import Confidence, confidence
 from resnet_bk.models.config import BKConfig
 from resnet_bk.models.output import LMOutput
@@ -63,6 +79,8 @@ class EarlyExitLM(ResNetBKLM):
             keep it in checkpoints).
         confidence: "max_prob" or "entropy" (resnet_bk.layers.early_exit.confidence).
         min_exit_layer: the first layer after which a position may exit (1..n_layers-1).
+        capacity: None (the exit path gathers exactly the active rows: host syncs) or a fraction
+            in (0, 1]: static shapes, no host sync (see the module docstring).
     """
 
     def __init__(
@@ -72,9 +90,12 @@ class EarlyExitLM(ResNetBKLM):
         exit_threshold: float | None = None,
         confidence: Confidence = "max_prob",
         min_exit_layer: int = 1,
+        capacity: float | None = None,
     ):
         config = BKConfig.of(config)
         super().__init__(vocab_size, config)
+        check_capacity("EarlyExitLM", capacity)
+        self.capacity = capacity
         n_layers = config.n_layers
         if confidence not in ("max_prob", "entropy"):
             raise ValueError(f"EarlyExitLM: confidence must be 'max_prob' or 'entropy', got {confidence!r}.")
@@ -87,6 +108,11 @@ class EarlyExitLM(ResNetBKLM):
         # finite (a checkpoint refuses non-finite tensors); exit_enabled says whether it is in use.
         self.register_buffer("exit_threshold", torch.tensor(0.0))
         self.register_buffer("exit_enabled", torch.tensor(False))
+        # exit_enabled on the host, so that forward picks its path without reading the buffer back
+        # (a sync, and a graph break under torch.compile); kept in step by set_exit_threshold and
+        # by load_state_dict.
+        self.exit_enabled_host = False
+        self.register_load_state_dict_post_hook(_read_exit_enabled)
         self.set_exit_threshold(exit_threshold)
         self.last_ffn_rows: list[int] = []  # feed-forward rows per layer in the last forward
 
@@ -97,19 +123,23 @@ class EarlyExitLM(ResNetBKLM):
         enabled = threshold is not None and math.isfinite(threshold)
         self.exit_enabled.fill_(enabled)
         self.exit_threshold.fill_(threshold if enabled else 0.0)
+        self.exit_enabled_host = enabled
 
     def get_exit_threshold(self) -> float | None:
-        """The threshold in use, or None when positions do not exit."""
-        return float(self.exit_threshold) if bool(self.exit_enabled) else None
+        """The threshold in use, or None when positions do not exit (reads the buffer back)."""
+        return float(self.exit_threshold) if self.exit_enabled_host else None
 
     def forward(self, input_ids: torch.Tensor, exits: bool | None = None) -> EarlyExitOutput:
-        threshold = self.get_exit_threshold()
         if exits is None:  # no threshold (unset, or calibrated to "never"): no exits, no head per layer
-            exits = not self.training and threshold is not None
-        if exits and threshold is None:
+            exits = not self.training and self.exit_enabled_host
+        if exits and not self.exit_enabled_host:
             raise ValueError("EarlyExitLM: exits=True needs an exit threshold (set_exit_threshold or calibration).")
         x = self.embed(input_ids)
-        return self._forward_exits(x, threshold) if exits else self._forward_all(x)
+        if not exits:
+            return self._forward_all(x)
+        if self.capacity is None:
+            return self._forward_exits(x, self.get_exit_threshold())
+        return self._forward_exits_static(x)
 
     def _forward_all(self, x: torch.Tensor) -> EarlyExitOutput:
         sums: tuple[dict, dict] = ({}, {})
@@ -174,6 +204,77 @@ class EarlyExitLM(ResNetBKLM):
         stats["exit_layer_mean"] = exit_layer.float().mean()
         stats["ffn_rows_fraction"] = torch.tensor(sum(self.last_ffn_rows) / (n_layers * b * n))
         return EarlyExitOutput(logits.view(b, n, -1), aux_losses, stats)
+
+    def _forward_exits_static(self, x: torch.Tensor) -> EarlyExitOutput:
+        """The exit path with static shapes (capacity set; see the module docstring): no host sync."""
+        b, n, d = x.shape
+        n_layers = len(self.blocks)
+        slots = max(1, math.ceil(self.capacity * n))
+        active = torch.ones(b, n, dtype=torch.bool, device=x.device)
+        exit_layer = torch.full((b, n), n_layers, device=x.device)
+        overflow, wanted = x.new_zeros((), dtype=torch.float32), x.new_zeros((), dtype=torch.float32)
+        logits = None  # (B*N + 1, V): the latest logits of each position; row B*N takes the padding's
+        h = None  # (B, N, D) last feed-forward output of every position (copied forward after exit)
+        aux_sums: dict[str, list] = {}
+        stat_sums: dict[str, list] = {}
+        dense = True  # every position is active until the first exit test
+        self.last_ffn_rows = []
+        for i, block in enumerate(self.blocks):
+            if dense:
+                h, aux, stats = block.bk.feed_forward(block.ln(x))
+                x = x + block.bk.mix(h)[0]
+                weight = 1.0
+                self.last_ffn_rows.append(b * n)
+            else:
+                # Each row's first `slots` active positions run this layer; the others exit now with
+                # the logits of layer i (written at its exit test).
+                index, valid, within = capacity_rows(active, slots)
+                over = active & ~within
+                exit_layer = torch.where(over, i, exit_layer)
+                overflow, wanted = overflow + over.sum(), wanted + active.sum()
+                active = within
+                rows = block.ln(x.reshape(b * n, d).index_select(0, index))
+                h_run, aux, stats = block.bk.feed_forward(rows, (index, b * n), valid)
+                h = scatter_rows(h_run, active, h)
+                x = torch.where(active[..., None], x + block.bk.mix(h)[0], x)
+                weight = active.any().to(torch.float32)  # a layer of padding adds nothing to the means
+                self.last_ffn_rows.append(b * slots)
+            add_weighted(aux_sums, aux, weight)
+            add_weighted(stat_sums, stats, weight)
+            last = i == n_layers - 1
+            if not last and i + 1 < self.min_exit_layer:
+                continue
+            # The head on the positions active in this layer (their logits so far: the exit logits
+            # of those that exit now, overwritten for the others by a later layer's).
+            if dense:
+                layer_logits = self.head(x).reshape(b * n, -1)
+                target = torch.arange(b * n, device=x.device)
+            else:
+                layer_logits = self.head(x.reshape(b * n, d).index_select(0, index))
+                target = torch.where(valid, index, b * n)
+            if logits is None:
+                logits = layer_logits.new_zeros(b * n + 1, layer_logits.shape[-1])
+            logits.index_copy_(0, target, layer_logits)  # in place: no copy of the (B*N, V) buffer
+            if last:
+                break
+            done_rows = confidence(layer_logits, self.confidence) >= self.exit_threshold
+            if dense:
+                done = done_rows.view(b, n)
+            else:
+                done = scatter_rows(done_rows[:, None], active, torch.zeros_like(active)[..., None])[..., 0]
+            exit_layer = torch.where(done, i + 1, exit_layer)
+            active = active & ~done
+            dense = False
+        aux_losses, stats = weighted_means(aux_sums), weighted_means(stat_sums)
+        stats["exit_layer_mean"] = exit_layer.float().mean()
+        stats["ffn_rows_fraction"] = torch.tensor(sum(self.last_ffn_rows) / (n_layers * b * n))
+        stats["capacity_overflow"] = overflow / wanted.clamp_min(1)
+        return EarlyExitOutput(logits[: b * n].view(b, n, -1), aux_losses, stats)
+
+
+def _read_exit_enabled(module: EarlyExitLM, incompatible_keys) -> None:
+    """load_state_dict post-hook: the host copy of the loaded exit_enabled buffer (one read per load)."""
+    module.exit_enabled_host = bool(module.exit_enabled)
 
 
 def _accumulate(sums: tuple[dict, dict], aux: dict, stats: dict) -> None:

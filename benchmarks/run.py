@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -287,10 +288,15 @@ def _start_worker(job: dict, folder: Path) -> tuple[subprocess.Popen, Path]:
     return subprocess.Popen([sys.executable, "-m", "benchmarks.run", "--worker", str(path)], cwd=ROOT, env=env), path
 
 
-def _collect(proc: subprocess.Popen, path: Path) -> dict:
+def _collect(proc: subprocess.Popen, path: Path, job: dict) -> dict:
     if proc.wait() != 0:
-        raise RuntimeError(f"run {path.name} failed (exit {proc.returncode}); its output is above")
+        return failed(job, f"exit {proc.returncode}; its output is in the runner's log")
     return json.loads(path.with_suffix(".result.json").read_text())
+
+
+def failed(job: dict, error: str) -> dict:
+    """The record of a run that did not finish: the report keeps it (and the runs after it go on)."""
+    return {**{k: job[k] for k in ("name", "label", "seed", "overrides", "meta", "command")}, "error": error}
 
 
 # ------------------------------------------------------------------------------------- the spec
@@ -328,20 +334,24 @@ def run_spec(path: str | Path, smoke: bool = False, out: str | Path | None = Non
         report["budget_s"] = float(spec["budget"]["seconds"])
     out.mkdir(parents=True, exist_ok=True)
     parallel = max(1, min(int(spec.get("parallel", 1)), 2 if smoke else 64))
-    running: list[tuple[subprocess.Popen, Path]] = []
+    running: list[tuple[subprocess.Popen, Path, dict]] = []
     for job in todo:
         if parallel == 1 and not job["separate_process"]:
-            report["records"].append(run_one(job))
+            try:
+                report["records"].append(run_one(job))
+            except (Exception, SystemExit) as err:  # one broken run must not cost the runs after it
+                traceback.print_exc()
+                report["records"].append(failed(job, f"{type(err).__name__}: {err}".splitlines()[0]))
             torch._dynamo.reset()  # compiled graphs of every run share one code object's cache and its recompile limit
             gc.collect()  # the run's model, optimizer and loaders, before the next one is timed
             torch.cuda.empty_cache()
         else:
-            running.append(_start_worker(job, runs_root / "jobs"))
+            running.append((*_start_worker(job, runs_root / "jobs"), job))
             if len(running) >= parallel or job["separate_process"]:
                 report["records"].append(_collect(*running.pop(0)))
         write(report, spec, out)
-    for proc, job_path in running:
-        report["records"].append(_collect(proc, job_path))
+    for proc, job_path, job in running:
+        report["records"].append(_collect(proc, job_path, job))
         write(report, spec, out)
     return report
 
@@ -394,7 +404,8 @@ def columns(report: dict, spec: dict) -> list[tuple[str, str, float]]:
 def markdown(report: dict, spec: dict) -> str:
     groups: dict[str, list[dict]] = {}
     for r in report["records"]:
-        groups.setdefault(r["name"], []).append(r)
+        if "error" not in r:
+            groups.setdefault(r["name"], []).append(r)
     cols = columns(report, spec)
     base = groups.get(spec.get("baseline"))
     lines = [
@@ -446,6 +457,10 @@ def markdown(report: dict, spec: dict) -> str:
                 f"val ppl {c['ppl_ratio']:.2f}x."
             ),
         ]
+    broken = [r for r in report["records"] if "error" in r]
+    if broken:
+        lines += ["", "Runs that did not finish (not in the table):", ""]
+        lines += [f"- {r['label']}: {r['error']}" for r in broken]
     lines += ["", "Commands (each run is this `lightning fit`, measured by the runner):", ""]
     lines += [f"- {r['label']}: `{r['command']}`" for r in report["records"]]
     return "\n".join(lines) + "\n"
@@ -536,7 +551,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(markdown(report, load_spec(args.spec)))
-    return 0
+    broken = [r["label"] for r in report["records"] if "error" in r]
+    if broken:
+        print(f"error: {len(broken)} run(s) did not finish: {', '.join(broken)}; the report lists why", file=sys.stderr)
+    return 1 if broken else 0
 
 
 if __name__ == "__main__":

@@ -127,3 +127,26 @@ def test_step6_transformer_has_the_baselines_parameter_count():
     by = {j["name"]: j for j in runner.jobs(spec, True, Path("/tmp/unused"))}
     base, tf = (runner.count_parameters(build(by[n]["args"]).model.model) for n in ("resnet_bk", "transformer"))
     assert abs(tf - base) / base < 0.001
+
+
+def test_a_run_that_fails_is_recorded_and_the_next_runs_go_on(tmp_path):
+    """A run that raises (here: windows longer than the network's positions) is kept in the report as
+    an error, out of the table, and the spec's later runs still run: one broken config must not cost
+    the rest of a device session."""
+    spec = tmp_path / "two.yaml"
+    spec.write_text(
+        "runs:\n"
+        "  - {name: broken, config: configs/quickstart.yaml,"
+        " overrides: {model.init_args.network.init_args.config.max_seq_len: 8}}\n"
+        "  - {name: fine, config: configs/quickstart.yaml}\n"
+        "budget: {steps: 2}\n"
+        "measure: [val_ppl]\n"
+    )
+    out = tmp_path / "out"
+    assert runner.main([str(spec), "--smoke", "--out", str(out)]) == 1  # the report is written all the same
+    broken, fine = json.loads((out / "two.json").read_text())["records"]
+    assert broken["name"] == "broken" and "max_seq_len" in broken["error"] and "val_ppl" not in broken
+    assert fine["name"] == "fine" and math.isfinite(fine["val_ppl"])
+    table = (out / "two.md").read_text()
+    assert "| fine |" in table and "| broken |" not in table
+    assert "Runs that did not finish" in table and "- broken: ValueError: data seq_len 16 exceeds" in table

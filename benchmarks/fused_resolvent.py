@@ -9,7 +9,7 @@ the largest differences between the two paths (a GPU-side check of the fused ker
         "fused":     resnet_bk.kernels.fused_resolvent.resolvent_features_fused ((B, N, C) in,
         (B, N, 2C) float32 out, no complex tensors)
   mode  "graph": one fwd+bwd captured in a CUDA graph, replayed; "eager": plain calls.
-  ms    mean milliseconds per fwd+bwd over `iters`, CUDA events around the loop.
+  ms    median milliseconds per fwd+bwd, CUDA events (the timers of benchmarks/bk_core.py).
 
 Inputs: v (B, N, C) bf16; couplings (B, N-1, C) bf16 or None (the Laplacian); z_re, z_im (C,)
 float32; causal; backward to v, couplings, z_re, z_im with torch.autograd.grad (no .grad
@@ -24,11 +24,11 @@ import torch
 
 sys.path.insert(0, os.getcwd())
 
+from benchmarks.bk_core import time_eager, time_graph  # noqa: E402
 from resnet_bk.kernels.fused_resolvent import resolvent_features_fused  # noqa: E402
 from resnet_bk.layers.resolvent import resolvent_features_reference  # noqa: E402
 
 SHAPES = [(256, 256, 64), (8, 4096, 64), (2, 16384, 64), (1, 65536, 64)]
-WARMUP, ITERS_GRAPH, ITERS_EAGER = 5, 50, 20
 
 
 def make_inputs(b, n, c, with_couplings):
@@ -56,41 +56,6 @@ def step_fn(path, v, k, z_re, z_im, grad_out):
     return step
 
 
-def time_eager(step):
-    for _ in range(WARMUP):
-        step()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(ITERS_EAGER):
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / ITERS_EAGER
-
-
-def time_graph(step):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(WARMUP):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    for _ in range(WARMUP):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(ITERS_GRAPH):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / ITERS_GRAPH
-
-
 def main():
     device = torch.cuda.get_device_name()
     for b, n, c in SHAPES:
@@ -100,8 +65,7 @@ def main():
             for path in ("reference", "fused"):
                 step = step_fn(path, *inputs)
                 results[path] = [t.detach().float() for t in step()]
-                for mode, timer in (("graph", time_graph), ("eager", time_eager)):
-                    ms = timer(step)
+                for mode, ms in (("graph", time_graph([step])), ("eager", time_eager([step], reps=20))):
                     row = dict(device=device, B=b, N=n, C=c, couplings=with_couplings, path=path, mode=mode, ms=ms)
                     print(json.dumps(row), flush=True)
             names = ["out", "grad_v"] + (["grad_couplings"] if with_couplings else []) + ["grad_z_re", "grad_z_im"]

@@ -282,7 +282,12 @@ class LanguageModel(L.LightningModule):
                 self.rng_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
             seed = np.random.SeedSequence([self.rng_seed, self.global_rank, self.current_epoch, batch_idx])
             s = int(seed.generate_state(1, np.uint64)[0] >> 1)
-            torch.manual_seed(s)  # CPU and every CUDA device
+            # The generators this process draws from: the CPU's and its own CUDA device's. (torch.manual_seed
+            # would also queue a seed, with a formatted stack trace, for every uninitialised backend: XPU,
+            # MTIA, ... at each step.)
+            torch.default_generator.manual_seed(s)
+            if self.device.type == "cuda":
+                torch.cuda.default_generators[self.device.index or 0].manual_seed(s)
             np.random.seed(s % 2**32)
             random.seed(s)
 

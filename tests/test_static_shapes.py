@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from fit_args import tiny_fit_args
 
 from resnet_bk.layers.act import capacity_rows, scatter_rows
+from resnet_bk.layers.conditional_moe import ConditionalMoEFeedForward
 from resnet_bk.layers.early_exit import confidence
 from resnet_bk.layers.moe import MoEFeedForward
 from resnet_bk.models.act_lm import ACTResNetBKLM
@@ -104,12 +105,19 @@ def test_capacity_rows_take_each_rows_first_slots():
     assert out.tolist() == [[1, 0, 2, 0, 0], [0, 0, 0, 0, 3], [0] * 5]
 
 
-@pytest.mark.parametrize("top_k", [1, 2])
-def test_moe_leaves_padding_rows_out(top_k):
-    """Padding rows (valid False) give 0 and change neither the real rows' outputs nor the load-balance
-    loss, the expert loads or any gradient: the statistics of the real rows alone."""
+MOES = {
+    "top1": lambda: MoEFeedForward(D, 2 * D, num_experts=3, top_k=1),
+    "top2": lambda: MoEFeedForward(D, 2 * D, num_experts=3, top_k=2),
+    "conditional": lambda: ConditionalMoEFeedForward(D, 2 * D, num_experts=3, top_p=0.6),
+}
+
+
+@pytest.mark.parametrize("kind", list(MOES))
+def test_moe_leaves_padding_rows_out(kind):
+    """Padding rows (valid False) give 0 and change neither the real rows' outputs nor the aux losses
+    (load balance; conditional: compute), the stats or any gradient: those of the real rows alone."""
     torch.manual_seed(0)
-    moe = MoEFeedForward(D, 2 * D, num_experts=3, top_k=top_k).double()
+    moe = MOES[kind]().double()
     x = torch.randn(10, D, dtype=torch.float64)
     valid = torch.tensor([True, False, True, True, False, False, True, True, False, True])
     results = []
@@ -117,17 +125,21 @@ def test_moe_leaves_padding_rows_out(top_k):
         moe.zero_grad()
         out, aux, stats = moe(rows, None, mask) if mask is not None else moe(rows)
         real = out if mask is None else out[valid]
-        (real.square().sum() + aux["load_balance"]).backward()
+        (real.square().sum() + sum(aux.values())).backward()
         results.append((out, aux, stats, [p.grad.clone() for p in moe.parameters()], moe.last_rows_per_expert))
     (o1, a1, s1, g1, r1), (o2, a2, s2, g2, r2) = results
     torch.testing.assert_close(o2[valid], o1)
     assert (o2[~valid] == 0).all()
-    torch.testing.assert_close(a2["load_balance"], a1["load_balance"])
+    assert set(a2) == set(a1) and set(s2) == set(s1)
+    for k in a1:
+        torch.testing.assert_close(a2[k], a1[k])
     for k in s1:
         torch.testing.assert_close(s2[k], s1[k])
     for a, b in zip(g2, g1):
         torch.testing.assert_close(a, b)
-    assert torch.equal(r2, r1) and int(r2.sum()) == int(valid.sum()) * top_k
+    assert torch.equal(r2, r1)
+    if kind != "conditional":
+        assert int(r2.sum()) == int(valid.sum()) * moe.top_k
 
 
 # ----------------------------------------------------------- (a) capacity 1.0 = the exact path

@@ -2,8 +2,9 @@
 
 Causality in train and eval mode (and with exits) for the full model and with each technique
 switched off in turn; shapes; a gradient for every parameter; the depth rule of ACT + early exit;
-each switch-off reducing to the single-technique model of the same weights; configs/step6_all.yaml
-fitting through the CLI."""
+each switch-off reducing to the single-technique model of the same weights; the static-shape path
+(capacity: 1.0 equals the exact path, causality with overflow, one compiled graph, the refusals);
+configs/step6_all.yaml fitting through the CLI."""
 
 from __future__ import annotations
 
@@ -63,11 +64,11 @@ def _decisive(model: Step6AllLM) -> Step6AllLM:
     return model
 
 
-def _median_exit_threshold(model: Step6AllLM, x: torch.Tensor) -> float:
-    """A threshold at which about half of the positions exit after the first step."""
+def _median_exit_threshold(model: Step6AllLM, x: torch.Tensor, q: float = 0.5) -> float:
+    """A threshold at which about a fraction 1 - q of the positions exit after the first step."""
     with torch.no_grad():
         e_1 = model(x, exits=False).layer_hidden[0]
-        return float(confidence(model.head(e_1)).median())
+        return float(confidence(model.head(e_1)).quantile(q))
 
 
 def _logits(model, ids, **kw):
@@ -275,3 +276,123 @@ def test_config_fits_through_the_cli():
                 "val/stats/sparsity", "val/stats/compression_ratio", "val/stats/experts_per_token",
                 "val/ppl_all_layers", "val/exit/threshold"):  # fmt: skip
         assert key in metrics, key
+
+
+# ------------------------------------------------------------------ static shapes (capacity)
+STATIC = {  # switch combinations allowed with a capacity, and their config.n_layers (3 steps each)
+    "multiscale_act": (("multiscale", "act"), 6),
+    "act_early_exit": (("act", "early_exit"), 3),
+    "multiscale_act_sparsity_early_exit": (("multiscale", "act", "sparsity", "early_exit"), 6),
+    "all_but_length": (tuple(s for s in SWITCHES if s != "adaptive_length"), 6),
+}
+
+
+def _static_pair(name: str, capacity: float, dropout: float = 0.0, halt_bias_init: float = 0.0):
+    """(exact model, the same weights with `capacity`), decisive weights, float64."""
+    on, n_layers = STATIC[name]
+    models = []
+    for cap in (None, capacity):
+        torch.manual_seed(1)
+        models.append(only(*on, n_layers=n_layers, dropout=dropout, halt_bias_init=halt_bias_init, capacity=cap))
+    exact, static = models
+    static.load_state_dict(_decisive(exact).state_dict())
+    return exact, static
+
+
+def _pass(model, x, seed=5):
+    """Forward + backward (logits and aux losses); (output, {parameter: gradient})."""
+    model.zero_grad()
+    torch.manual_seed(seed)
+    out = model(x)
+    (out.logits.square().mean() + sum(out.aux_losses.values())).backward()
+    return out, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mode", ["train", "eval_exits"])
+@pytest.mark.parametrize("name", list(STATIC))
+def test_full_capacity_equals_the_exact_path(name, mode):
+    """capacity 1.0: the logits, aux losses and gradients of capacity None (train mode; eval with exits)."""
+    exact, static = _static_pair(name, 1.0)
+    x = torch.randint(0, V, (2, N), generator=torch.Generator().manual_seed(0))
+    exits = mode == "eval_exits" and exact.early_exit
+    for model in (exact, static):
+        model.train(mode == "train")
+        if exits:
+            model.set_exit_threshold(_median_exit_threshold(exact, x))
+    (a, ga), (b, gb) = _pass(exact, x), _pass(static, x)
+    torch.testing.assert_close(b.logits, a.logits, atol=1e-10, rtol=0)
+    assert set(b.aux_losses) == set(a.aux_losses)
+    for k in a.aux_losses:  # conditional MoE: float32 router statistics, summed over other row counts
+        atol = 1e-10 if a.aux_losses[k].dtype == torch.float64 else 1e-6
+        torch.testing.assert_close(b.aux_losses[k].to(a.aux_losses[k].dtype), a.aux_losses[k], atol=atol, rtol=0, msg=k)
+    assert set(gb) == set(ga)
+    for k in ga:
+        atol = 1e-6 if exact.conditional_moe else 1e-10  # the float32 router statistics' gradients
+        torch.testing.assert_close(gb[k], ga[k], atol=atol, rtol=1e-8 if atol < 1e-6 else 1e-5, msg=k)
+    assert float(b.stats["capacity_overflow"]) == 0.0
+    for k in ("layers_executed", "exit_layer_mean", "exit_frac", "experts_per_token", "sparsity"):
+        if k in a.stats:
+            torch.testing.assert_close(torch.as_tensor(b.stats[k]).double(), torch.as_tensor(a.stats[k]).double())
+    if exits:
+        assert 0 < float(a.stats["exit_frac"]) < 1
+    if "act" in STATIC[name][0]:
+        assert 1 < float(a.stats["layers_executed"]) < len(exact.blocks)  # positions halt at different steps
+
+
+@pytest.mark.parametrize("mode", ["train", "eval_exits"])
+@pytest.mark.parametrize("name", list(STATIC))
+def test_causal_with_capacity_overflow(name, mode):
+    """capacity 0.5 with overflowing rows: causal in train mode (dropout) and in eval mode with exits."""
+    _, model = _static_pair(name, 0.5, dropout=0.1 if mode == "train" else 0.0, halt_bias_init=-2.0)
+    x = torch.randint(0, V, (2, N), generator=torch.Generator().manual_seed(0))
+    model.train(mode == "train")
+    if mode == "eval_exits" and model.early_exit:
+        model.set_exit_threshold(_median_exit_threshold(model, x, q=0.8))  # most run on: overflow
+    with torch.no_grad():
+        torch.manual_seed(123)
+        stats = model(x).stats
+    assert float(stats["capacity_overflow"]) > 0
+    if "sparsity" in STATIC[name][0]:
+        assert "sparse_capacity_overflow" in stats
+    _assert_causal(model, x)
+
+
+def test_capacity_gradient_reaches_the_halting_units():
+    _, model = _static_pair("all_but_length", 0.5, halt_bias_init=-2.0)
+    model.train()
+    x = torch.randint(0, V, (2, N), generator=torch.Generator().manual_seed(0))
+    out = model(x[:, :-1])
+    assert float(out.stats["capacity_overflow"]) > 0
+    exit_ce = sum(F.cross_entropy(model.head(h).flatten(0, 1), x[:, 1:].flatten()) for h in out.layer_hidden)
+    loss = F.cross_entropy(out.logits.flatten(0, 1), x[:, 1:].flatten()) + exit_ce + sum(out.aux_losses.values())
+    loss.backward()
+    assert all(unit.proj.weight.grad.abs().sum() > 0 for unit in model.act.halting)
+
+
+@pytest.mark.slow  # about 40 s on CPU
+def test_capacity_compiles_in_one_graph():
+    """fullgraph=True, dynamic=False: a training step (forward + backward) and an evaluation with exits,
+    bf16 autocast as on the GPU (the MoE's grouped product is compile-able in bf16)."""
+    torch.manual_seed(0)
+    on, n_layers = STATIC["all_but_length"]
+    model = Step6AllLM(V, tiny(n_layers), **{s: s in on for s in SWITCHES}, halt_bias_init=-1.0, capacity=0.5)
+    x = torch.randint(0, V, (2, 16))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.train()
+        out = compiled(x)
+        (out.logits.float().square().mean() + sum(out.aux_losses.values())).backward()
+        assert "capacity_overflow" in out.stats
+        model.eval()
+        model.set_exit_threshold(0.5)
+        with torch.no_grad():
+            out = compiled(x)
+    assert out.logits.shape == (2, 16, V) and torch.isfinite(out.logits.float()).all()
+
+
+def test_capacity_refuses_learned_length():
+    with pytest.raises(ValueError, match=r"Step6AllLM: capacity needs adaptive_length false \(.*\)"):
+        Step6AllLM(V, tiny(6), capacity=0.5)
+    with pytest.raises(ValueError, match=r"Step6AllLM: capacity must be None .* in \(0, 1\]"):
+        Step6AllLM(V, tiny(6), adaptive_length=False, capacity=1.5)

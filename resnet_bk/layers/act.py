@@ -108,6 +108,23 @@ def scatter_rows(rows: torch.Tensor, within: torch.Tensor, fill: torch.Tensor) -
     return torch.where(within[..., None], taken.to(fill.dtype), fill)
 
 
+def halt_overflow(running: torch.Tensor, slots: int, cum, x: torch.Tensor, y: torch.Tensor, remainder, cut):
+    """Static shapes: each row's first `slots` running positions take the next step; the others halt
+    now with the state they have (Graves' remainder 1 - cum, as at any halting step).
+
+    running (B, N) bool, cum and remainder (B, N), x the current state and y the ACT-weighted output
+    (B, N, D), cut (2,) the totals [positions halted here, positions asked for] so far ->
+    (running (B, N) bool, at most `slots` per row; y; remainder; over (B, N) bool, the positions
+    halted here; cut with this step's counts added).
+    """
+    _, _, within = capacity_rows(running, slots)
+    over = running & ~within
+    y = y + torch.where(over, 1.0 - cum, 0.0).unsqueeze(-1).to(x.dtype) * x
+    remainder = torch.where(over, 1.0 - cum, remainder)
+    cut = cut + torch.stack([over.sum(), running.sum()]).to(cut.dtype)
+    return within, y, remainder, over, cut
+
+
 def run_bk_block(
     block: ResNetBKBlock, x: torch.Tensor, running: Optional[torch.Tensor] = None, slots: Optional[int] = None
 ):
@@ -230,7 +247,7 @@ class AdaptiveDepth(nn.Module):
         running = torch.ones(b, n, dtype=torch.bool, device=x.device)
         y = torch.zeros_like(x)
         halt_frac = [cum.new_zeros(()) for _ in range(self.n_steps)]
-        overflow, wanted = cum.new_zeros(()), cum.new_zeros(())  # capacity: position-steps cut / asked for
+        cut = cum.new_zeros(2)  # capacity: position-steps cut, asked for
         aux_sums: dict[str, list] = {}  # name -> (value, weight), one per step that returned it
         stat_sums: dict[str, list] = {}
         work: dict[str, int] = {}
@@ -241,13 +258,8 @@ class AdaptiveDepth(nn.Module):
             if static and l > 0:
                 # Each row's first `slots` running positions take the step; the others halt here
                 # with the state they have (Graves' remainder), like positions halting at step l.
-                _, _, within = capacity_rows(running, slots)
-                over = running & ~within
-                y = y + torch.where(over, 1.0 - cum, 0.0).unsqueeze(-1).to(x.dtype) * x
-                remainder = torch.where(over, 1.0 - cum, remainder)
+                running, y, remainder, over, cut = halt_overflow(running, slots, cum, x, y, remainder, cut)
                 halt_frac[l - 1] = halt_frac[l - 1] + over.float().mean()
-                overflow, wanted = overflow + over.sum(), wanted + running.sum()
-                running = within
                 weight = running.any().to(cum.dtype)  # a step with no running position adds nothing
                 all_running = False
                 x_new, aux, stats, step_work = step(x, running, slots)
@@ -296,7 +308,7 @@ class AdaptiveDepth(nn.Module):
         for l, f in enumerate(halt_frac):
             stats[f"halt_frac/{l + 1}"] = f.detach()
         if static:
-            stats["capacity_overflow"] = (overflow / wanted.clamp_min(1)).detach()
+            stats["capacity_overflow"] = (cut[0] / cut[1].clamp_min(1)).detach()
         return y, aux_losses, stats, work
 
     def _halting_probability(self, l: int, x: torch.Tensor, idx: Optional[torch.Tensor]) -> torch.Tensor:

@@ -62,8 +62,13 @@ class ConditionalMoEFeedForward(nn.Module):
       aux_losses: {"load_balance", "compute"} scalars, unweighted (see the module docstring);
       stats: detached scalars "experts_per_token" (mean k_t), "expert_load/<e>" (fraction of the
         routed rows that expert e ran) and "expert_load_max" (1/num_experts when balanced).
+    gathered: None, or (index, G) when x holds rows gathered from a grid of G positions
+      (resnet_bk.layers.dropout), so that the dropout mask is drawn for the whole grid.
+    valid: None, or (...) bool like x without its last dimension, False at the padding rows of a
+      static-shape batch: they get output 0, reach no expert's matmul and are left out of the aux
+      losses and stats, so those equal the ones of the real rows alone.
     After each forward, `last_rows_per_expert` is an (E,) device tensor of how many rows each expert
-    ran on; they sum to sum_t k_t, the work actually done.
+    ran on; they sum to sum_t k_t over the real rows, the work actually done.
     """
 
     def __init__(
@@ -94,31 +99,40 @@ class ConditionalMoEFeedForward(nn.Module):
         self.dropout = PositionDropout(dropout)
         self.last_rows_per_expert: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, gathered: Gathered | None = None):
+    def forward(self, x: torch.Tensor, gathered: Gathered | None = None, valid: torch.Tensor | None = None):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (T, D)
         probs = F.softmax(self.router(x).float(), dim=-1)  # (T, E); float: the cumsum decides k
         chosen = top_p_expert_mask(probs.detach(), self.top_p, self.min_experts, self.max_experts)
+        if valid is not None:  # padding rows choose no expert
+            valid = valid.reshape(-1)
+            chosen = chosen & valid[:, None]
 
         # Candidate pairs: each token's max_experts most probable experts, valid where chosen.
         # The same stable sort as top_p_expert_mask, so every chosen expert is among them.
         top_expert = probs.detach().sort(dim=-1, descending=True, stable=True)[1][:, : self.max_experts]  # (T, m)
         top_prob = probs.gather(-1, top_expert)
-        valid = chosen.gather(-1, top_expert)
+        pair_valid = chosen.gather(-1, top_expert)
         token = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.max_experts)
         # Gates: the raw router probability of each pair.
         out, counts_t = dispatch(
-            x, self.experts, token, top_expert.reshape(-1), top_prob.reshape(-1), valid.reshape(-1)
+            x, self.experts, token, top_expert.reshape(-1), top_prob.reshape(-1), pair_valid.reshape(-1)
         )
         self.last_rows_per_expert = counts_t
 
         n_rows = chosen.sum().clamp_min(1)
         f = counts_t.to(probs.dtype) / n_rows
-        load_balance = self.num_experts * (f * probs.mean(0)).sum()
-        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)  # (T,)
+        if valid is None:
+            n_tokens, mean_probs, entropy = max(x.shape[0], 1), probs.mean(0), entropy.mean()
+        else:  # real rows only (a count on the device: no host sync)
+            n_tokens = valid.sum().clamp_min(1).to(probs.dtype)
+            mean_probs = torch.where(valid[:, None], probs, 0.0).sum(0) / n_tokens
+            entropy = torch.where(valid, entropy, 0.0).sum() / n_tokens
+        load_balance = self.num_experts * (f * mean_probs).sum()
         compute = entropy / math.log(self.num_experts)
         stats = {f"expert_load/{e}": f[e] for e in range(self.num_experts)}
         stats["expert_load_max"] = f.max()
-        stats["experts_per_token"] = counts_t.sum().to(probs.dtype) / max(x.shape[0], 1)
+        stats["experts_per_token"] = counts_t.sum().to(probs.dtype) / n_tokens
         aux_losses = {"load_balance": load_balance, "compute": compute}
         return self.dropout(out, gathered).reshape(shape), aux_losses, stats

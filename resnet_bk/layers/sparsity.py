@@ -156,8 +156,9 @@ class SparseBKLayer(BKLayer):
             ceil(capacity N) slots; a row's kept positions beyond its first K_cap are skipped
             (interpolated like any skipped position; this depends on the past only, so it stays
             causal), counted in the stat "capacity_overflow" (fraction of kept positions dropped);
-            slots beyond a row's kept count are padding rows that run and are discarded (they enter
-            the MoE router and its load statistics). capacity=1.0 gives the values of None.
+            slots beyond a row's kept count are padding rows that run and are discarded (they reach
+            no expert's matmul and stay out of the MoE's aux losses and load statistics).
+            capacity=1.0 gives the values of None.
     forward(x) -> (out (B, N, D), aux_losses, stats). After a forward, `last_rows` is the number of
     rows that entered the feed-forward, v_proj and g_proj (B K_cap with a capacity), and
     `last_keep` the (B, N) bool mask of the positions computed.
@@ -276,7 +277,8 @@ class SparseBKLayer(BKLayer):
         self.last_rows = b * k_cap
         idx = (torch.arange(b, device=x.device)[:, None] * n + pos).reshape(-1)  # padding: position 0
         gathered = (idx, b * n)
-        h, aux, stats = self.feed_forward(x.reshape(b * n, d).index_select(0, idx), gathered)  # (B K, D)
+        rows = x.reshape(b * n, d).index_select(0, idx)
+        h, aux, stats = self.feed_forward(rows, gathered, valid.reshape(-1))  # (B K, D), 0 at padding
         v = self._potential(h).view(b, k_cap, -1)  # (B, K, C)
         g = self.kept_green(v, pos, valid, runs, n)  # (B, K, C), 0 at padding
         features = torch.view_as_real(g).reshape(b * k_cap, -1)

@@ -53,6 +53,27 @@ Causality (docs/design.md section 3): each piece is causal on its own (see its m
 halting and exit tests read position t's own state; stopping the step loop once every position
 of the batch has halted changes no output, and only the head (no randomness) runs after it.
 
+Static shapes (`capacity`, default None). The step loop above reads the number of running
+positions back to the host at every step and stops on such a read; the sparse layers read their
+kept counts. With a capacity c in (0, 1] nothing is read back and every shape is fixed (the forward
+compiles with fullgraph=True), as in AdaptiveDepth / EarlyExitLM (resnet_bk.layers.act):
+  - step 1 runs every position; every later step gathers K_cap = ceil(c N) slots per sequence, the
+    row's FIRST K_cap running positions, then padding slots that run and are discarded (they reach
+    no expert's matmul and stay out of the MoE statistics and aux losses);
+  - overflow: a running position beyond its row's first K_cap halts before the step with the state
+    it has (weight 1 - cum: its output is e_{l-1}, as at any halting step), counted in the stat
+    "capacity_overflow" (overflowing / running, over steps 2..L). Its slot depends on how many
+    positions s <= t of its row run, i.e. on tokens 0..t only: causal;
+  - the loop always runs the L steps (a step where every position has halted runs on padding and
+    counts for nothing in the means of the aux losses and stats; its sparse layers still draw noise
+    and, in training, update their calibration EMA);
+  - halting units run on every position, masked; with exits the first exit test scores every
+    position with the head (halted ones: their final output), later ones the K_cap slots;
+  - the sparse layers take the same capacity (SparseBKLayer's own static path); their overflow stat
+    is named "sparse_capacity_overflow" here.
+Learned length is refused with a capacity (its segment counts are data-dependent shapes).
+capacity=1.0 never overflows and gives the values, aux losses and gradients of None.
+
 Switches off reduce to the single-technique models with the same weights (tests/test_step6_all.py):
 multi-scale only = MultiScaleLM, everything off = ResNetBKLM, ACT + multi-scale = ACTMultiScaleLM,
 sparsity + multi-scale = MultiScaleSparseLM, conditional MoE only = ConditionalMoELM, learned
@@ -68,7 +89,17 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from resnet_bk.layers.act import AdaptiveDepth, active_rows, run_bk_block
+from resnet_bk.layers.act import (
+    AdaptiveDepth,
+    active_rows,
+    add_weighted,
+    capacity_rows,
+    check_capacity,
+    halt_overflow,
+    run_bk_block,
+    scatter_rows,
+    weighted_means,
+)
 from resnet_bk.layers.adaptive_length import (
     BoundaryPredictor,
     boundary_prior_nll,
@@ -91,7 +122,7 @@ from resnet_bk.layers.sparsity import (
 )
 from resnet_bk.models.base import TiedEmbeddingLM, init_weights
 from resnet_bk.models.config import BKConfig
-from resnet_bk.models.early_exit_lm import EarlyExitOutput
+from resnet_bk.models.early_exit_lm import EarlyExitOutput, _read_exit_enabled
 from resnet_bk.models.multiscale_lm import work_stats
 from resnet_bk.models.output import LMOutput
 from resnet_bk.models.resnet_bk_lm import bk_block
@@ -108,8 +139,8 @@ class Step6AllLM(TiedEmbeddingLM):
         act: Graves' ACT over the stack's steps (ACTMultiScaleLM); act_threshold, halt_bias_init
             as there.
         sparsity: learned sparsity in the stack's ResNet-BK layers (MultiScaleSparseLM /
-            SparseResNetBKLM); target_sparsity, core, predictor_kernel, interp_kernel, capacity
-            as there. Needs config.causal; with multi-scale, simple blocks with a BK refinement.
+            SparseResNetBKLM); target_sparsity, core, predictor_kernel, interp_kernel as there.
+            Needs config.causal; with multi-scale, simple blocks with a BK refinement.
         adaptive_length: learned sequence length before the stack (AdaptiveLengthLM): n_pre blocks,
             the boundary predictor, n_inner blocks on the closed segments; boundary_temperature,
             init_boundary_rate, prior_rate, length_multiple, eval_sampling, rate_target as there.
@@ -118,6 +149,9 @@ class Step6AllLM(TiedEmbeddingLM):
             lightning_modules.early_exit.EarlyExitLanguageModel.
         conditional_moe: every feed-forward is top-p routed (ConditionalMoELM); top_p,
             min_experts, max_experts as there (config.top_k must stay 1).
+        capacity: None (exact gathers: host syncs, data-dependent shapes) or a fraction in (0, 1]:
+            static shapes for the step loop (ACT / exits) and the sparse layers (module docstring).
+            Needs adaptive_length false.
 
     forward(input_ids, exits=None): exits as EarlyExitLM (None: in eval mode when a threshold is set).
 
@@ -131,7 +165,8 @@ class Step6AllLM(TiedEmbeddingLM):
         took, by either rule), "exit_frac" (fraction that left by the confidence test);
         conditional MoE: "experts_per_token"; multi-scale: "ffn_rows/res<r>", "mix_tokens/res<r>"
         per input position; always "ffn_rows_fraction" (stack feed-forward rows run / rows of a
-        pass without halting, exits or sparsity).
+        pass without halting, exits or sparsity; padding slots included); with a capacity
+        "capacity_overflow" (when ACT or exits are on) and "sparse_capacity_overflow" (sparsity on).
     """
 
     def __init__(
@@ -186,6 +221,13 @@ class Step6AllLM(TiedEmbeddingLM):
             raise ValueError(f"{name}: conditional MoE routes by top_p; leave config.top_k at 1, got {c.top_k}.")
         if confidence not in ("max_prob", "entropy"):
             raise ValueError(f"{name}: confidence must be 'max_prob' or 'entropy', got {confidence!r}.")
+        check_capacity(name, capacity)
+        if capacity is not None and adaptive_length:
+            raise ValueError(
+                f"{name}: capacity needs adaptive_length false (the learned length's segment counts are "
+                "data-dependent shapes); set adaptive_length: false or capacity: null."
+            )
+        self.capacity = capacity
 
         # Learned length: pre and inner blocks before the stack.
         n_stack = c.n_layers
@@ -247,6 +289,8 @@ class Step6AllLM(TiedEmbeddingLM):
             # Buffers, so that a calibrated threshold is saved with the weights (as EarlyExitLM).
             self.register_buffer("exit_threshold", torch.tensor(0.0))
             self.register_buffer("exit_enabled", torch.tensor(False))
+            self.exit_enabled_host = False  # exit_enabled, read without a host sync in forward
+            self.register_load_state_dict_post_hook(_read_exit_enabled)
             self.set_exit_threshold(exit_threshold)
 
         n_residual = sum(isinstance(m, (ResNetBKBlock, MLPRefine)) for m in self.modules())
@@ -282,40 +326,39 @@ class Step6AllLM(TiedEmbeddingLM):
             raise ValueError(f"{type(self).__name__}: exit_threshold must be >= 0, +inf or None, got {threshold}.")
         enabled = threshold is not None and math.isfinite(threshold)
         self.exit_enabled.fill_(enabled)
+        self.exit_enabled_host = enabled
         self.exit_threshold.fill_(threshold if enabled else 0.0)
 
     def get_exit_threshold(self) -> float | None:
         """The threshold in use, or None when positions do not exit (always None with early exit off)."""
         if not self.early_exit:
             return None
-        return float(self.exit_threshold) if bool(self.exit_enabled) else None
+        return float(self.exit_threshold) if self.exit_enabled_host else None
 
     # ------------------------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, exits: bool | None = None) -> LMOutput:
-        threshold = self.get_exit_threshold()
+        enabled = self.early_exit and self.exit_enabled_host
         if exits is None:
-            exits = not self.training and threshold is not None
-        if exits and threshold is None:
+            exits = not self.training and enabled
+        if exits and not enabled:
             raise ValueError(
                 f"{type(self).__name__}: exits=True needs early exit on and a threshold (set_exit_threshold)."
             )
         bsz, n = input_ids.shape
         x = self.embed(input_ids)  # (B, N, D)
-        aux_all: dict[str, list] = {}  # name -> one value per block (or stack step) that ran
+        aux_all: dict[str, list] = {}  # name -> (value, weight), one per block (or stack step) that ran
         stat_all: dict[str, list] = {}
 
-        def record(aux: dict, stats: dict) -> None:
-            for target, values in ((aux_all, aux), (stat_all, stats)):
-                for k, v in values.items():
-                    target.setdefault(k, []).append(v)
+        def record(aux: dict, stats: dict, weight=1.0) -> None:
+            add_weighted(aux_all, aux, weight)
+            add_weighted(stat_all, stats, weight)
 
         extra_aux, extra_stats = {}, {}
         if self.adaptive_length:
             x, extra_aux, extra_stats = self._learned_length(x, record)
-        logits, hidden, stack_aux, stack_stats = self._stack(x, record, threshold if exits else None)
+        logits, hidden, stack_aux, stack_stats = self._stack(x, record, self.exit_threshold if exits else None)
 
-        aux_losses = {k: sum(v) / len(v) for k, v in aux_all.items()}
-        stats = {k: sum(v) / len(v) for k, v in stat_all.items()}
+        aux_losses, stats = weighted_means(aux_all), weighted_means(stat_all)
         aux_losses.update(extra_aux)
         aux_losses.update(stack_aux)
         stats.update(extra_stats)
@@ -355,18 +398,21 @@ class Step6AllLM(TiedEmbeddingLM):
         stats["boundary_prob_mean"] = p.detach().mean()
         return x, aux, stats
 
-    def _step(self, block: nn.Module, x: torch.Tensor, running: Optional[torch.Tensor]):
-        """One stack step: (x (B, N, D), running (B, N) bool or None = all) -> (x_new, aux, stats,
-        work). x_new is meaningless where not running (the caller keeps the frozen state there)."""
+    def _step(self, block: nn.Module, x: torch.Tensor, running: Optional[torch.Tensor], slots: Optional[int]):
+        """One stack step: (x (B, N, D), running (B, N) bool or None = all, slots: None or the rows
+        per sequence of the static gather) -> (x_new, aux, stats, work). x_new is meaningless where
+        not running (the caller keeps the frozen state there)."""
         b, n, _ = x.shape
         if isinstance(block, MultiScaleSparseBlock):  # its predictors choose the rows (module docstring)
-            return block(x)
+            x_new, aux, stats, work = block(x)
+            return x_new, aux, _sparse_stats(stats), work
         if isinstance(block, MultiScaleBlock):
-            return block(x, running)
+            return block(x, running, slots)
         if isinstance(block, SparseResNetBKBlock):
             x_new, aux, stats = block(x)
-            return x_new, aux, stats, {"ffn_rows/res1": block.bk.last_rows, "mix_tokens/res1": block.bk.last_rows}
-        x_new, aux, stats, rows = run_bk_block(block, x, running)
+            work = {"ffn_rows/res1": block.bk.last_rows, "mix_tokens/res1": block.bk.last_rows}
+            return x_new, aux, _sparse_stats(stats), work
+        x_new, aux, stats, rows = run_bk_block(block, x, running, slots)
         return x_new, aux, stats, {"ffn_rows/res1": rows, "mix_tokens/res1": b * n}
 
     def _full_ffn_rows(self, b: int, n: int) -> int:
@@ -387,43 +433,60 @@ class Step6AllLM(TiedEmbeddingLM):
         p_run = unit(x.reshape(b * n, d).index_select(0, idx))
         return x.new_zeros(b * n, dtype=p_run.dtype).index_copy(0, idx, p_run).view(b, n)
 
-    def _stack(self, x: torch.Tensor, record, exit_threshold: Optional[float]):
-        """The stack under the depth rule of the module docstring: x (B, N, D) ->
-        (logits (B, N, V), layer_hidden [e_1 .. e_{L-1}] (training the exits; empty with exits),
-        aux, stats)."""
+    def _stack(self, x: torch.Tensor, record, exit_threshold: Optional[torch.Tensor]):
+        """The stack under the depth rule of the module docstring: x (B, N, D), exit_threshold a
+        0-dim tensor (exits on) or None -> (logits (B, N, V), layer_hidden [e_1 .. e_{L-1}] (training
+        the exits; empty with exits), aux, stats)."""
         b, n, d = x.shape
         n_steps = len(self.blocks)
         act, exits = self.act is not None, exit_threshold is not None
         adaptive = act or exits
+        static = adaptive and self.capacity is not None  # fixed-size gathers, no host sync
+        slots = max(1, math.ceil(self.capacity * n)) if static else None
         cum = x.new_zeros(b, n, dtype=torch.promote_types(x.dtype, torch.float32))  # sum of p before halting
         remainder, n_updates = torch.zeros_like(cum), torch.zeros_like(cum)
+        cut = cum.new_zeros(2)  # capacity: position-steps cut, asked for
         running = torch.ones(b, n, dtype=torch.bool, device=x.device)
         exited = torch.zeros_like(running)  # left by the confidence test
         y = torch.zeros_like(x)  # the ACT-weighted output
         halt_frac = [cum.new_zeros(()) for _ in range(n_steps)]
         hidden: list[torch.Tensor] = []
-        logits = None  # (B*N, V) with exits: rows written as positions halt where the head ran
+        # With exits, rows written as positions halt where the head ran: (B*N, V); static: the latest
+        # logits of each position, (B*N + 1, V), row B*N taking the padding slots'.
+        logits = None
         written = torch.zeros(b * n, dtype=torch.bool, device=x.device)
         work: dict[str, int] = {}
         steps_run, idx = 0, None  # idx: flat indices of the running positions; None while all run
         for l, block in enumerate(self.blocks):
             last = l == n_steps - 1
-            if l > 0 and adaptive:
+            step_weight = 1.0  # of this step's aux losses and stats in their means over steps
+            all_running = idx is None
+            if static and l > 0:
+                # Each row's first `slots` running positions take the step; the others halt here
+                # with the state they have (Graves' remainder), like positions halting at step l.
+                running, y, remainder, over, cut = halt_overflow(running, slots, cum, x, y, remainder, cut)
+                halt_frac[l - 1] = halt_frac[l - 1] + over.float().mean()
+                step_weight = running.any().to(cum.dtype)  # a step with no running position adds nothing
+                all_running = False
+            elif l > 0 and adaptive:
                 idx = active_rows(running)  # one host sync per step: skip the rest, or gather
                 if idx.numel() == 0:
                     break  # every position has halted: the remaining steps change no output
                 if idx.numel() == b * n:
                     idx = None
-            all_running = idx is None
-            x_new, aux, stats, step_work = self._step(block, x, None if all_running else running)
-            record(aux, stats)
+                all_running = idx is None
+            x_new, aux, stats, step_work = self._step(block, x, None if all_running else running, slots)
+            record(aux, stats, step_weight)
             steps_run += 1
             for k, v in step_work.items():
                 work[k] = work.get(k, 0) + v
             x = x_new if all_running else torch.where(running.unsqueeze(-1), x_new, x)  # halted: frozen
 
             if act and not last:
-                p = self._halting_probability(l, x, idx)
+                if static:  # every position, masked: no gather of a data-dependent size
+                    p = torch.where(running, self.act.halting[l](x), 0.0)
+                else:
+                    p = self._halting_probability(l, x, idx)
                 new_cum = cum + p
                 halt_now = running & (new_cum >= self.act.threshold)
             else:
@@ -434,6 +497,13 @@ class Step6AllLM(TiedEmbeddingLM):
                 exit_state = y + torch.where(running, 1.0 - cum, torch.zeros_like(cum)).unsqueeze(-1).to(x.dtype) * x
                 if not exits:
                     hidden.append(exit_state)
+                elif l + 1 >= self.min_exit_layer and static:
+                    first = l + 1 == self.min_exit_layer
+                    logits, by_confidence = self._exit_test_static(
+                        exit_state, running, slots, first, logits, exit_threshold
+                    )
+                    exited = exited | by_confidence
+                    halt_now = halt_now | by_confidence
                 elif l + 1 >= self.min_exit_layer:
                     rows = idx if idx is not None else torch.arange(b * n, device=x.device)
                     layer_logits = self.head(exit_state.reshape(b * n, d).index_select(0, rows))  # running rows
@@ -453,12 +523,16 @@ class Step6AllLM(TiedEmbeddingLM):
             n_updates = n_updates + running.to(n_updates.dtype)
             cum = torch.where(cont, new_cum, cum)
             halt_frac[l] = halt_now.float().mean()
+            if last and static and logits is not None:  # the positions of the last step: head(y) there
+                logits = self._head_slots(y, running, slots, logits)[0]
             running = cont
         if self.early_exit and not exits:
             hidden += [y] * (n_steps - 1 - len(hidden))  # steps skipped once all halted: their output is final
 
         if logits is None:
             logits = self.head(y)  # (B, N, V)
+        elif static:
+            logits = logits[: b * n].view(b, n, -1)
         else:  # the head has not run at the halting step of these rows
             rest = (~written).nonzero().squeeze(1)
             if rest.numel() > 0:
@@ -476,8 +550,50 @@ class Step6AllLM(TiedEmbeddingLM):
         if self.early_exit:
             stats["exit_layer_mean"] = n_updates.detach().mean()
             stats["exit_frac"] = exited.float().mean()
+        if static:
+            stats["capacity_overflow"] = (cut[0] / cut[1].clamp_min(1)).detach()
         ran = sum(v for k, v in work.items() if k.startswith("ffn_rows/"))
         stats["ffn_rows_fraction"] = torch.tensor(ran / max(n_steps * self._full_ffn_rows(b, n), 1))
         if self.multiscale:
             stats.update(work_stats(work, b * n))
         return logits, hidden, aux, stats
+
+    def _head_slots(self, state: torch.Tensor, running: torch.Tensor, slots: int, logits: Optional[torch.Tensor]):
+        """The head on each row's running positions, static shapes: state (B, N, D), running (B, N)
+        bool with at most `slots` True per row -> (logits (B*N + 1, V) with those positions' rows
+        written (padding slots: row B*N), their logits (B*slots, V))."""
+        b, n, d = state.shape
+        index, valid, _ = capacity_rows(running, slots)
+        rows = self.head(state.reshape(b * n, d).index_select(0, index))  # (B*slots, V)
+        if logits is None:
+            logits = rows.new_zeros(b * n + 1, rows.shape[-1])
+        logits.index_copy_(0, torch.where(valid, index, b * n), rows.to(logits.dtype))  # in place: no copy
+        return logits, rows
+
+    def _exit_test_static(self, exit_state, running, slots, first, logits, threshold):
+        """The exit test of one step, static shapes: exit_state (B, N, D) e_l, running (B, N) bool
+        (at most `slots` per row unless `first`), logits as _head_slots' -> (logits, by_confidence
+        (B, N) bool: running positions whose confidence reaches the threshold). The first test
+        scores every position, so a position halted earlier gets head(e_l) = head(its final y)."""
+        b, n, d = exit_state.shape
+        if first:
+            rows = self.head(exit_state).reshape(b * n, -1)
+            if logits is None:
+                logits = rows.new_zeros(b * n + 1, rows.shape[-1])
+            logits[: b * n] = rows
+            done = (confidence(rows, self.confidence) >= threshold).view(b, n)
+        else:
+            logits, rows = self._head_slots(exit_state, running, slots, logits)
+            done_rows = confidence(rows, self.confidence) >= threshold
+            done = scatter_rows(done_rows[:, None], running, torch.zeros_like(running)[..., None])[..., 0]
+        return logits, running & done
+
+
+def _sparse_stats(stats: dict) -> dict:
+    """A sparse block's stats with its layers' "capacity_overflow" named "sparse_capacity_overflow"
+    (the step loop's own "capacity_overflow" is another count)."""
+    if "capacity_overflow" not in stats:
+        return stats
+    stats = dict(stats)
+    stats["sparse_capacity_overflow"] = stats.pop("capacity_overflow")
+    return stats

@@ -25,6 +25,24 @@ import torch.nn.functional as F
 Confidence = Literal["max_prob", "entropy"]
 
 
+def read_exit_enabled(module: torch.nn.Module, incompatible_keys) -> None:
+    """load_state_dict post-hook of a model with an `exit_enabled` buffer: keeps its host copy
+    `exit_enabled_host` (read by forward without a host sync) in step with the loaded buffer."""
+    module.exit_enabled_host = bool(module.exit_enabled)
+
+
+def head_on_slots(head, state: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, logits):
+    """The head on gathered slots, static shapes: state (B, N, D), index and valid (B*slots,) from
+    resnet_bk.layers.act.capacity_rows, logits None or a (B*N + 1, V) buffer -> (the buffer with the
+    valid slots' rows written in place (padding slots: row B*N), the slots' logits (B*slots, V))."""
+    b, n, d = state.shape
+    rows = head(state.reshape(b * n, d).index_select(0, index))
+    if logits is None:
+        logits = rows.new_zeros(b * n + 1, rows.shape[-1])
+    logits.index_copy_(0, torch.where(valid, index, b * n), rows.to(logits.dtype))  # in place: no copy
+    return logits, rows
+
+
 def confidence(logits: torch.Tensor, kind: Confidence = "max_prob") -> torch.Tensor:
     """(..., V) logits -> (...,) float32 confidence in [0, 1] (see the module docstring)."""
     if kind == "max_prob":

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 import torch
 
 from resnet_bk.layers.act import add_weighted, capacity_rows, check_capacity, scatter_rows, weighted_means
-from resnet_bk.layers.early_exit import Confidence, confidence
+from resnet_bk.layers.early_exit import Confidence, confidence, head_on_slots, read_exit_enabled
 from resnet_bk.models.config import BKConfig
 from resnet_bk.models.output import LMOutput
 from resnet_bk.models.resnet_bk_lm import ResNetBKLM
@@ -112,7 +112,7 @@ class EarlyExitLM(ResNetBKLM):
         # (a sync, and a graph break under torch.compile); kept in step by set_exit_threshold and
         # by load_state_dict.
         self.exit_enabled_host = False
-        self.register_load_state_dict_post_hook(_read_exit_enabled)
+        self.register_load_state_dict_post_hook(read_exit_enabled)
         self.set_exit_threshold(exit_threshold)
         self.last_ffn_rows: list[int] = []  # feed-forward rows per layer in the last forward
 
@@ -248,13 +248,11 @@ class EarlyExitLM(ResNetBKLM):
             # of those that exit now, overwritten for the others by a later layer's).
             if dense:
                 layer_logits = self.head(x).reshape(b * n, -1)
-                target = torch.arange(b * n, device=x.device)
+                if logits is None:
+                    logits = layer_logits.new_zeros(b * n + 1, layer_logits.shape[-1])
+                logits[: b * n] = layer_logits
             else:
-                layer_logits = self.head(x.reshape(b * n, d).index_select(0, index))
-                target = torch.where(valid, index, b * n)
-            if logits is None:
-                logits = layer_logits.new_zeros(b * n + 1, layer_logits.shape[-1])
-            logits.index_copy_(0, target, layer_logits)  # in place: no copy of the (B*N, V) buffer
+                logits, layer_logits = head_on_slots(self.head, x, index, valid, logits)
             if last:
                 break
             done_rows = confidence(layer_logits, self.confidence) >= self.exit_threshold
@@ -270,11 +268,6 @@ class EarlyExitLM(ResNetBKLM):
         stats["ffn_rows_fraction"] = torch.tensor(sum(self.last_ffn_rows) / (n_layers * b * n))
         stats["capacity_overflow"] = overflow / wanted.clamp_min(1)
         return EarlyExitOutput(logits[: b * n].view(b, n, -1), aux_losses, stats)
-
-
-def _read_exit_enabled(module: EarlyExitLM, incompatible_keys) -> None:
-    """load_state_dict post-hook: the host copy of the loaded exit_enabled buffer (one read per load)."""
-    module.exit_enabled_host = bool(module.exit_enabled)
 
 
 def _accumulate(sums: tuple[dict, dict], aux: dict, stats: dict) -> None:

@@ -111,7 +111,7 @@ from resnet_bk.layers.adaptive_length import (
 from resnet_bk.layers.bk_layer import BKLayer, ResNetBKBlock
 from resnet_bk.layers.conditional_moe import ConditionalMoEFeedForward
 from resnet_bk.layers.dropout import consume_dropout
-from resnet_bk.layers.early_exit import Confidence, confidence
+from resnet_bk.layers.early_exit import Confidence, confidence, head_on_slots, read_exit_enabled
 from resnet_bk.layers.multiscale import MLPRefine, MultiScaleBlock, Refine
 from resnet_bk.layers.sparsity import (
     Core,
@@ -122,7 +122,7 @@ from resnet_bk.layers.sparsity import (
 )
 from resnet_bk.models.base import TiedEmbeddingLM, init_weights
 from resnet_bk.models.config import BKConfig
-from resnet_bk.models.early_exit_lm import EarlyExitOutput, _read_exit_enabled
+from resnet_bk.models.early_exit_lm import EarlyExitOutput
 from resnet_bk.models.multiscale_lm import work_stats
 from resnet_bk.models.output import LMOutput
 from resnet_bk.models.resnet_bk_lm import bk_block
@@ -290,7 +290,7 @@ class Step6AllLM(TiedEmbeddingLM):
             self.register_buffer("exit_threshold", torch.tensor(0.0))
             self.register_buffer("exit_enabled", torch.tensor(False))
             self.exit_enabled_host = False  # exit_enabled, read without a host sync in forward
-            self.register_load_state_dict_post_hook(_read_exit_enabled)
+            self.register_load_state_dict_post_hook(read_exit_enabled)
             self.set_exit_threshold(exit_threshold)
 
         n_residual = sum(isinstance(m, (ResNetBKBlock, MLPRefine)) for m in self.modules())
@@ -562,13 +562,8 @@ class Step6AllLM(TiedEmbeddingLM):
         """The head on each row's running positions, static shapes: state (B, N, D), running (B, N)
         bool with at most `slots` True per row -> (logits (B*N + 1, V) with those positions' rows
         written (padding slots: row B*N), their logits (B*slots, V))."""
-        b, n, d = state.shape
         index, valid, _ = capacity_rows(running, slots)
-        rows = self.head(state.reshape(b * n, d).index_select(0, index))  # (B*slots, V)
-        if logits is None:
-            logits = rows.new_zeros(b * n + 1, rows.shape[-1])
-        logits.index_copy_(0, torch.where(valid, index, b * n), rows.to(logits.dtype))  # in place: no copy
-        return logits, rows
+        return head_on_slots(self.head, state, index, valid, logits)
 
     def _exit_test_static(self, exit_state, running, slots, first, logits, threshold):
         """The exit test of one step, static shapes: exit_state (B, N, D) e_l, running (B, N) bool

@@ -40,8 +40,9 @@ from resnet_bk.models import count_parameters
 ROOT = Path(__file__).resolve().parents[1]
 # The keys of a spec (docs/benchmarks.md): what runs and how, then what is measured and reported.
 SPEC_KEYS = {"description", "runs", "overrides", "seeds", "budget", "parallel", "smoke"}
-SPEC_KEYS |= {"measure", "infer_batch_sizes", "warmup_steps", "baseline", "columns", "figures", "cumulative"}
-RUN_KEYS = {"name", "config", "overrides", "seeds", "meta"}
+SPEC_KEYS |= {"measure", "infer_batch_sizes", "infer_graph", "warmup_steps", "baseline", "columns", "figures"}
+SPEC_KEYS |= {"cumulative"}
+RUN_KEYS = {"name", "config", "overrides", "seeds", "meta", "variants"}
 MEASURES = {"val_ppl", "test_ppl", "infer_tokens_per_s", "flops_per_token"}
 # --smoke: every run on a CPU in seconds (2 steps of 2 x 16 tokens, 1 evaluation batch, small inference batches).
 SMOKE = {
@@ -88,6 +89,12 @@ def load_spec(path: str | Path) -> dict:
         for config in _as_list(run["config"]):
             if not (ROOT / config).is_file():
                 raise SpecError(f"{path}: run {run['name']!r}: config {config} does not exist")
+        for variant in run.get("variants", []):
+            if set(variant) - {"name", "set", "meta"} or not variant.get("name") or not variant.get("set"):
+                raise SpecError(
+                    f"{path}: run {run['name']!r}: variant {variant} needs a name and a set: {{attribute: value}} "
+                    "(and optionally meta)"
+                )
     if len(set(names)) != len(names):
         raise SpecError(f"{path}: run names repeat: {names}")
     if spec.get("baseline") not in (None, *names):
@@ -165,6 +172,8 @@ def jobs(spec: dict, smoke: bool, runs_root: Path) -> list[dict]:
                     "warmup_steps": 1 if smoke else spec.get("warmup_steps", 10),
                     "eval_batches": SMOKE_EVAL_BATCHES if smoke else 1.0,
                     "infer_reps": 1 if smoke else 10,
+                    "infer_graph": bool(spec.get("infer_graph", False)),
+                    "variants": run.get("variants", []),
                     "separate_process": int(overrides.get("trainer.devices", 1)) > 1,
                 }
             )
@@ -194,16 +203,46 @@ class ValCurve(L.Callback):
 
 
 @torch.no_grad()
-def infer_tokens_per_s(module: L.LightningModule, x: torch.Tensor, context, reps: int) -> float:
-    """Eval-mode forward passes over x (B, N): tokens/s over `reps` passes, timed by torch.utils.benchmark.Timer
-    (2 warm-up passes first, the device synchronised at both ends, with all of torch's threads)."""
+def infer_tokens_per_s(module: L.LightningModule, x: torch.Tensor, context, reps: int, graph: bool = False):
+    """Eval-mode forward passes over x (B, N) -> (tokens/s over `reps` passes, how they ran).
+
+    Timed by torch.utils.benchmark.Timer (2 warm-up passes first, the device synchronised at both
+    ends, with all of torch's threads). graph (CUDA only): the forward is captured once in a CUDA
+    graph and replayed, so the time is the GPU's and not the host's launches ("cuda_graph"); a
+    forward that cannot be captured (it reads values back, e.g. an exact gather) runs eagerly and
+    says why ("eager (capture failed: ...)")."""
 
     def forward():
         with context():
             module(x)
 
-    timer = Timer("forward()", globals={"forward": forward}, num_threads=torch.get_num_threads())
-    return x.numel() / timer.timeit(reps).mean
+    mode, replay = "eager", forward
+    if graph and x.is_cuda:
+        try:
+            replay = captured(forward)
+            mode = "cuda_graph"
+        except Exception as err:  # noqa: BLE001 - any capture failure: time the eager forward instead
+            torch.cuda.synchronize()
+            mode = f"eager (capture failed: {type(err).__name__})"
+    timer = Timer("forward()", globals={"forward": replay}, num_threads=torch.get_num_threads())
+    tokens_per_s = x.numel() / timer.timeit(reps).mean
+    del replay
+    return tokens_per_s, mode
+
+
+def captured(forward):
+    """forward (no arguments) captured in a CUDA graph after 2 warm-up calls on a side stream
+    (as torch.cuda.graphs documents); returns the graph's replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            forward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        forward()
+    return graph.replay
 
 
 def _windows(datamodule, n: int, device: torch.device) -> torch.Tensor:
@@ -216,8 +255,9 @@ def _floats(metrics: dict, prefix: str) -> dict:
     return {k: float(v) for k, v in metrics.items() if k.startswith(prefix) and torch.as_tensor(v).numel() == 1}
 
 
-def run_one(job: dict) -> dict | None:
-    """Fit one job through the CLI's objects and measure it; None on a DDP rank other than 0."""
+def run_one(job: dict) -> list[dict] | None:
+    """Fit one job through the CLI's objects and measure it, then each of its variants (settings
+    changed on the trained model, measured again); None on a DDP rank other than 0."""
     cli = build(job["args"])
     trainer, module, datamodule = cli.trainer, cli.model, cli.datamodule
     throughput = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)  # a config may have one
@@ -225,7 +265,6 @@ def run_one(job: dict) -> dict | None:
         trainer.callbacks.append(throughput := Throughput())
     throughput.warmup_steps = job["warmup_steps"]  # the spec's, also over a config's own
     trainer.callbacks.append(curve := ValCurve(throughput))
-    device = trainer.strategy.root_device
     start = time.perf_counter()
     trainer.fit(module, datamodule)
     wall_s = time.perf_counter() - start
@@ -246,12 +285,11 @@ def run_one(job: dict) -> dict | None:
         train_metrics=_floats(trainer.callback_metrics, "train/"),
         val_metrics=_floats(trainer.callback_metrics, "val/"),
     )  # the last validation of fit, if any
-    measure = set(job["measure"])
     if trainer.world_size > 1:  # evaluation below is single-device; under DDP keep what fit logged
-        return record
+        return [record]
     # Evaluation: a single-device Trainer of the same precision, over the whole split (smoke: a few batches).
     evaluator = L.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu",
+        accelerator="gpu" if trainer.strategy.root_device.type == "cuda" else "cpu",
         devices=1,
         logger=False,
         precision=trainer.precision_plugin.precision,
@@ -261,23 +299,91 @@ def run_one(job: dict) -> dict | None:
         limit_val_batches=job["eval_batches"],
         limit_test_batches=job["eval_batches"],
     )
+    record.update(evaluate(module, datamodule, evaluator, job))
+    records = [record]
+    for variant in job["variants"]:
+        records.append(measure_variant(record, variant, module, datamodule, evaluator, job))
+    return records
+
+
+def evaluate(module: L.LightningModule, datamodule, evaluator: L.Trainer, job: dict) -> dict:
+    """What the job measures on the trained module: val/test ppl over the whole split, FLOPs per
+    token, inference tokens/s at each batch size."""
+    measure, out = set(job["measure"]), {}
+    device = module.device
     if "val_ppl" in measure:
         metrics = evaluator.validate(module, datamodule, verbose=False)[0]
-        record.update(val_ppl=metrics["val/ppl"], val_metrics=_floats(metrics, "val/"))
+        out.update(val_ppl=metrics["val/ppl"], val_metrics=_floats(metrics, "val/"))
     if "test_ppl" in measure:
         metrics = evaluator.test(module, datamodule, verbose=False)[0]
-        record.update(test_ppl=metrics["test/ppl"], test_metrics=_floats(metrics, "test/"))
+        out.update(test_ppl=metrics["test/ppl"], test_metrics=_floats(metrics, "test/"))
     module.to(device).eval()
     if "flops_per_token" in measure:
         flops = flop_breakdown(module.model, _windows(datamodule, 2, device), exclude=("lm_head",))
-        record.update(flops_per_token=flops["total"], flops_per_token_body=flops["kept"])
+        out.update(flops_per_token=flops["total"], flops_per_token_body=flops["kept"])
     if "infer_tokens_per_s" in measure:
         context = evaluator.precision_plugin.forward_context
-        record["infer_tokens_per_s"] = {
-            str(b): infer_tokens_per_s(module, _windows(datamodule, b, device), context, job["infer_reps"])
-            for b in job["infer_batch_sizes"]
-        }
+        speeds, modes = {}, {}
+        for b in job["infer_batch_sizes"]:
+            x = _windows(datamodule, b, device)
+            speeds[str(b)], modes[str(b)] = infer_tokens_per_s(
+                module, x, context, job["infer_reps"], job["infer_graph"]
+            )
+            gc.collect()  # the captured graph's memory pool, before the next batch size
+            torch.cuda.empty_cache()
+        out.update(infer_tokens_per_s=speeds, infer_mode=modes)
+    return out
+
+
+def measure_variant(base: dict, variant: dict, module, datamodule, evaluator, job: dict) -> dict:
+    """The trained module measured again with variant["set"] applied (then undone): a record named
+    "<run>@<variant>" that keeps the run's training figures. Its validation runs the eager loss (a
+    changed setting would recompile the compiled one)."""
+    record = {k: v for k, v in base.items() if k not in ("val_ppl", "test_ppl", "val_metrics", "test_metrics")}
+    record = {k: v for k, v in record.items() if not k.startswith(("flops_per_token", "infer_"))}
+    record.update(
+        name=f"{base['name']}@{variant['name']}",
+        label=f"{base['label']}@{variant['name']}",
+        variant_of=base["name"],
+        set=variant["set"],
+        meta={**base["meta"], **variant.get("meta", {})},
+        command=base["command"] + f"  # then, on the trained model: {json.dumps(variant['set'])}",
+    )
+    compiled = module._loss_terms_fn
+    previous = apply_settings(module, variant["set"])
+    module._loss_terms_fn = module._loss_terms
+    try:
+        record.update(evaluate(module, datamodule, evaluator, job))
+    finally:
+        module._loss_terms_fn = compiled
+        for undo in previous:
+            undo()
     return record
+
+
+def apply_settings(module: torch.nn.Module, settings: dict) -> list:
+    """Set each name to its value on every submodule that has it: through its set_<name> method
+    where it has one (e.g. EarlyExitLM.set_exit_threshold), else as an attribute (e.g. capacity).
+    Returns the calls that undo it; a name no submodule has is a ValueError."""
+    undo = []
+    for name, new in settings.items():
+        hits = 0
+        for m in module.modules():
+            setter, getter = getattr(m, f"set_{name}", None), getattr(m, f"get_{name}", None)
+            if callable(setter) and callable(getter):
+                old = getter()
+                setter(new)
+                undo.append(lambda setter=setter, old=old: setter(old))
+            elif name in vars(m):
+                old = vars(m)[name]
+                setattr(m, name, new)
+                undo.append(lambda m=m, name=name, old=old: setattr(m, name, old))
+            else:
+                continue
+            hits += 1
+        if not hits:
+            raise ValueError(f"no module of {type(module.model).__name__} has {name!r} to set; check the variant")
+    return undo
 
 
 def _start_worker(job: dict, folder: Path) -> tuple[subprocess.Popen, Path]:
@@ -288,9 +394,9 @@ def _start_worker(job: dict, folder: Path) -> tuple[subprocess.Popen, Path]:
     return subprocess.Popen([sys.executable, "-m", "benchmarks.run", "--worker", str(path)], cwd=ROOT, env=env), path
 
 
-def _collect(proc: subprocess.Popen, path: Path, job: dict) -> dict:
+def _collect(proc: subprocess.Popen, path: Path, job: dict) -> list[dict]:
     if proc.wait() != 0:
-        return failed(job, f"exit {proc.returncode}; its output is in the runner's log")
+        return [failed(job, f"exit {proc.returncode}; its output is in the runner's log")]
     return json.loads(path.with_suffix(".result.json").read_text())
 
 
@@ -338,7 +444,7 @@ def run_spec(path: str | Path, smoke: bool = False, out: str | Path | None = Non
     for job in todo:
         if parallel == 1 and not job["separate_process"]:
             try:
-                report["records"].append(run_one(job))
+                report["records"] += run_one(job)
             except (Exception, SystemExit) as err:  # one broken run must not cost the runs after it
                 traceback.print_exc()
                 report["records"].append(failed(job, f"{type(err).__name__}: {err}".splitlines()[0]))
@@ -348,10 +454,10 @@ def run_spec(path: str | Path, smoke: bool = False, out: str | Path | None = Non
         else:
             running.append((*_start_worker(job, runs_root / "jobs"), job))
             if len(running) >= parallel or job["separate_process"]:
-                report["records"].append(_collect(*running.pop(0)))
+                report["records"] += _collect(*running.pop(0))
         write(report, spec, out)
     for proc, job_path, job in running:
-        report["records"].append(_collect(proc, job_path, job))
+        report["records"] += _collect(proc, job_path, job)
         write(report, spec, out)
     return report
 
@@ -426,6 +532,15 @@ def markdown(report: dict, spec: dict) -> str:
         "(torch.utils.flop_counter). Several seeds: mean ± sd.",
         "",
     ]
+    if any("infer_mode" in r for r in report["records"]):
+        lines += [inference_note(report, spec), ""]
+    if any("variant_of" in r for r in report["records"]):
+        lines += [
+            "A row named run@variant is the run's trained model measured again with the variant's settings "
+            "(listed with the commands below): its training columns are the run's; its validation ran the eager "
+            "loss.",
+            "",
+        ]
     if report.get("note"):  # what the person who ran it must add, e.g. runs that did not finish
         lines += [f"Note: {report['note']}", ""]
     if report["parallel"] > 1:
@@ -464,6 +579,24 @@ def markdown(report: dict, spec: dict) -> str:
     lines += ["", "Commands (each run is this `lightning fit`, measured by the runner):", ""]
     lines += [f"- {r['label']}: `{r['command']}`" for r in report["records"]]
     return "\n".join(lines) + "\n"
+
+
+def inference_note(report: dict, spec: dict) -> str:
+    """How the inference tokens/s were timed, and every measurement that ran otherwise."""
+    how = (
+        "the eval-mode forward captured once in a CUDA graph and replayed (the GPU's time for the eager "
+        "kernels, without the host's launches)"
+        if spec.get("infer_graph")
+        else "the eval-mode forward, eager"
+    )
+    wanted = "cuda_graph" if spec.get("infer_graph") and not report["smoke"] else "eager"
+    odd = [
+        f"{r['label']} B={b}: {mode}"
+        for r in report["records"]
+        for b, mode in r.get("infer_mode", {}).items()
+        if mode != wanted
+    ]
+    return f"Inference tokens/s: {how}." + (f" Ran otherwise: {'; '.join(odd)}." if odd else "")
 
 
 def cumulative(report: dict, spec: dict) -> dict | None:
@@ -537,9 +670,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.worker:
         job_path = Path(args.worker)
-        record = run_one(json.loads(job_path.read_text()))
-        if record is not None:
-            job_path.with_suffix(".result.json").write_text(json.dumps(record, default=float))
+        records = run_one(json.loads(job_path.read_text()))
+        if records is not None:
+            job_path.with_suffix(".result.json").write_text(json.dumps(records, default=float))
         return 0
     if not args.spec:
         p.error("give a spec, e.g. benchmarks/specs/lm_compare.yaml")

@@ -403,3 +403,31 @@ def test_loss_of_capacity_model_reaches_every_halting_unit():
     loss = F.cross_entropy(out.logits.flatten(0, 1), torch.randint(0, V, (24,))) + out.aux_losses["ponder"]
     loss.backward()
     assert all(unit.proj.weight.grad.abs().sum() > 0 for unit in model.act.halting)
+
+
+def test_act_capacity_list_gives_each_step_its_slots():
+    """A capacity list sets each gathered step's slots: [1.0, k/n] runs step 2 on every position and
+    step 3 on each row's first k running positions; the others halt after step 2 with its output.
+    A wrong length or a value outside (0, 1] is refused in one line."""
+    torch.manual_seed(0)
+    n, k = 10, 3
+    model = _never_halting(ACTResNetBKLM(V, _config(3))).double().eval()
+    x = torch.randint(0, V, (2, n))
+    rows = []
+    for module in model.modules():
+        if type(module).__name__ == "MoEFeedForward":
+            module.register_forward_hook(lambda m, inp, out: rows.append(inp[0].reshape(-1, D).shape[0]))
+    with torch.no_grad():
+        full = model(x)
+        model.act.capacity = [1.0, k / n]
+        rows.clear()
+        out = model(x)
+    assert rows == [2 * n, 2 * n, 2 * k]
+    assert float(out.stats["halt_frac/2"]) == pytest.approx((n - k) / n)
+    assert float(out.stats["layers_executed"]) == pytest.approx((2 * (n - k) + 3 * k) / n)
+    torch.testing.assert_close(out.logits[:, :k], full.logits[:, :k], atol=1e-12, rtol=0)
+    assert not torch.allclose(out.logits[:, k:], full.logits[:, k:])  # the overflowing positions took 2 steps
+    _assert_causal(model, x, (0, 4, 9))
+    for bad in ([1.0], [1.0, 0.0], [1.0, 1.5]):
+        with pytest.raises(ValueError, match="capacity list needs 2 fractions"):
+            type(model.act)(D, 3, capacity=bad)

@@ -51,7 +51,9 @@ value read back too. With a capacity c in (0, 1] nothing is read back and every 
 Whether position t gets a slot depends on how many positions s <= t of its row are running, i.e.
 on tokens 0..t only: causal. Dropout draws the whole grid at every step either way, so the random
 stream is the same at every capacity. capacity=1.0 never overflows and gives the values and
-gradients of the exact path.
+gradients of the exact path. A list of fractions gives each of steps 2..L its own capacity, e.g.
+[1.0, 0.1, 0.1] for a stack where most positions halt after step 2: step 2 runs every position and
+steps 3 and 4 only a tenth of the slots.
 """
 
 from __future__ import annotations
@@ -213,7 +215,8 @@ class AdaptiveDepth(nn.Module):
             position has halted (host syncs, data-dependent shapes). A fraction c in (0, 1]: static
             shapes, no host sync (see the module docstring): steps 2..L gather ceil(c N) slots per
             sequence and call step(x, running, slots); overflow halts early, counted in the stat
-            "capacity_overflow"; "layers_run" is then always n_steps.
+            "capacity_overflow"; "layers_run" is then always n_steps. A list of n_steps - 1
+            fractions: one per step 2..L.
     """
 
     def __init__(
@@ -229,7 +232,7 @@ class AdaptiveDepth(nn.Module):
             raise ValueError(f"AdaptiveDepth: n_steps must be >= 1, got {n_steps}.")
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"AdaptiveDepth: threshold must be in (0, 1], got {threshold}.")
-        check_capacity("AdaptiveDepth", capacity)
+        check_capacity("AdaptiveDepth", capacity, n_steps - 1)
         self.n_steps, self.threshold, self.capacity = n_steps, threshold, capacity
         # The last step always halts, so it needs no halting unit.
         self.halting = nn.ModuleList(HaltingUnit(d_model, halt_bias_init) for _ in range(n_steps - 1))
@@ -239,7 +242,7 @@ class AdaptiveDepth(nn.Module):
             raise ValueError(f"AdaptiveDepth: expected {self.n_steps} steps, got {len(steps)}.")
         b, n, d = x.shape
         static = self.capacity is not None
-        slots = max(1, math.ceil(self.capacity * n)) if static else None
+        step_slots = capacity_slots(self.capacity, n, self.n_steps - 1) if static else None  # steps 2..L
         # sum of p over the steps taken, before halting; at least float32 (under autocast too)
         cum = x.new_zeros(b, n, dtype=torch.promote_types(x.dtype, torch.float32))
         remainder = torch.zeros_like(cum)
@@ -258,6 +261,7 @@ class AdaptiveDepth(nn.Module):
             if static and l > 0:
                 # Each row's first `slots` running positions take the step; the others halt here
                 # with the state they have (Graves' remainder), like positions halting at step l.
+                slots = step_slots[l - 1]
                 running, y, remainder, over, cut = halt_overflow(running, slots, cum, x, y, remainder, cut)
                 halt_frac[l - 1] = halt_frac[l - 1] + over.float().mean()
                 weight = running.any().to(cum.dtype)  # a step with no running position adds nothing
@@ -320,12 +324,34 @@ class AdaptiveDepth(nn.Module):
         return x.new_zeros(b * n, dtype=p_run.dtype).index_copy(0, idx, p_run).view(b, n)
 
 
-def check_capacity(owner: str, capacity: Optional[float]) -> None:
-    """A ValueError naming `owner` unless capacity is None or a fraction in (0, 1]."""
-    if capacity is not None and not (isinstance(capacity, (int, float)) and 0.0 < capacity <= 1.0):
+def _is_fraction(c) -> bool:
+    return isinstance(c, (int, float)) and not isinstance(c, bool) and 0.0 < c <= 1.0
+
+
+def check_capacity(owner: str, capacity, steps: Optional[int] = None) -> None:
+    """A ValueError naming `owner` unless capacity is None or a fraction in (0, 1]; with `steps`, a
+    list of `steps` such fractions (one per gathered step) is accepted too."""
+    if capacity is None or _is_fraction(capacity):
+        return
+    if steps is not None and isinstance(capacity, (list, tuple)):
+        if len(capacity) == steps and all(_is_fraction(c) for c in capacity):
+            return
         raise ValueError(
-            f"{owner}: capacity must be None (exact gather) or a fraction in (0, 1] of the positions, got {capacity!r}."
+            f"{owner}: a capacity list needs {steps} fractions in (0, 1] (one per step after the first), "
+            f"got {list(capacity)!r}."
         )
+    raise ValueError(
+        f"{owner}: capacity must be None (exact gather) or a fraction in (0, 1] of the positions"
+        + (f" (or a list of {steps}, one per step after the first)" if steps is not None else "")
+        + f", got {capacity!r}."
+    )
+
+
+def capacity_slots(capacity, n: int, steps: int) -> list[int]:
+    """Slots per sequence for each of `steps` gathered steps: ceil(c N), at least 1, for a capacity c
+    (the same for every step) or a list of them (one per step)."""
+    fractions = list(capacity) if isinstance(capacity, (list, tuple)) else [capacity] * steps
+    return [max(1, math.ceil(c * n)) for c in fractions]
 
 
 def add_weighted(sums: dict[str, list], values: dict, weight=1.0) -> None:

@@ -15,7 +15,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -33,8 +33,9 @@ class ACTResNetBKLM(ResNetBKLM):
         act_threshold: a position halts once its cumulative halting probability reaches this.
         halt_bias_init: initial bias of the halting units (1.0: every position takes 2 layers at
             initialisation, as in Universal Transformers; negative: all layers at first).
-        capacity: None (exact gather of the running rows, host syncs) or a fraction in (0, 1]:
-            static shapes, resnet_bk.layers.act.AdaptiveDepth's capacity.
+        capacity: None (exact gather of the running rows, host syncs), a fraction in (0, 1] or a
+            list of n_layers - 1 of them (one per layer after the first): static shapes,
+            resnet_bk.layers.act.AdaptiveDepth's capacity.
 
     aux_losses: "ponder" (mean N + R over positions, unweighted) and "load_balance" (mean over the
         layers that ran; absent when num_experts = 1).
@@ -50,7 +51,7 @@ class ACTResNetBKLM(ResNetBKLM):
         config: BKConfig = BKConfig(),
         act_threshold: float = 0.99,
         halt_bias_init: float = 1.0,
-        capacity: Optional[float] = None,
+        capacity: Optional[Union[float, list[float]]] = None,
     ):
         config = BKConfig.of(config)
         super().__init__(vocab_size, config)

@@ -15,7 +15,7 @@ static shapes, no host sync (resnet_bk.layers.act, resnet_bk.layers.multiscale).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -31,8 +31,8 @@ class ACTMultiScaleLM(MultiScaleLM):
 
     Args: those of MultiScaleLM (vocab_size, config, ...), and act_threshold, halt_bias_init as for
     resnet_bk.models.act_lm.ACTResNetBKLM (here a step is a whole multi-scale block, so there are
-    config.n_layers / 2 steps, or / 4 when hierarchical), and capacity (None or a fraction in
-    (0, 1]: resnet_bk.layers.act.AdaptiveDepth's static-shape capacity).
+    config.n_layers / 2 steps, or / 4 when hierarchical), and capacity (None, a fraction in
+    (0, 1] or one per block after the first: resnet_bk.layers.act.AdaptiveDepth's static-shape capacity).
 
     aux_losses: "ponder" (mean N + R, unweighted), "load_balance".
     stats: those of MultiScaleLM (now counting only the feed-forward rows that ran) and of
@@ -50,7 +50,7 @@ class ACTMultiScaleLM(MultiScaleLM):
         refine_d_ff: Optional[int] = None,
         act_threshold: float = 0.99,
         halt_bias_init: float = 1.0,
-        capacity: Optional[float] = None,
+        capacity: Optional[Union[float, list[float]]] = None,
     ):
         config = BKConfig.of(config)
         super().__init__(vocab_size, config, hierarchical, refine, refine_d_ff)

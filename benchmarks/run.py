@@ -299,18 +299,18 @@ def run_one(job: dict) -> list[dict] | None:
         limit_val_batches=job["eval_batches"],
         limit_test_batches=job["eval_batches"],
     )
-    record.update(evaluate(module, datamodule, evaluator, job))
+    device = trainer.strategy.root_device  # fit's teardown has moved the module to the CPU
+    record.update(evaluate(module, datamodule, evaluator, job, device))
     records = [record]
     for variant in job["variants"]:
-        records.append(measure_variant(record, variant, module, datamodule, evaluator, job))
+        records.append(measure_variant(record, variant, module, datamodule, evaluator, job, device))
     return records
 
 
-def evaluate(module: L.LightningModule, datamodule, evaluator: L.Trainer, job: dict) -> dict:
+def evaluate(module: L.LightningModule, datamodule, evaluator: L.Trainer, job: dict, device: torch.device) -> dict:
     """What the job measures on the trained module: val/test ppl over the whole split, FLOPs per
-    token, inference tokens/s at each batch size."""
+    token, inference tokens/s at each batch size (on `device`, the one it trained on)."""
     measure, out = set(job["measure"]), {}
-    device = module.device
     if "val_ppl" in measure:
         metrics = evaluator.validate(module, datamodule, verbose=False)[0]
         out.update(val_ppl=metrics["val/ppl"], val_metrics=_floats(metrics, "val/"))
@@ -331,11 +331,11 @@ def evaluate(module: L.LightningModule, datamodule, evaluator: L.Trainer, job: d
             )
             gc.collect()  # the captured graph's memory pool, before the next batch size
             torch.cuda.empty_cache()
-        out.update(infer_tokens_per_s=speeds, infer_mode=modes)
+        out.update(infer_tokens_per_s=speeds, infer_mode=modes, infer_device=str(x.device))
     return out
 
 
-def measure_variant(base: dict, variant: dict, module, datamodule, evaluator, job: dict) -> dict:
+def measure_variant(base: dict, variant: dict, module, datamodule, evaluator, job: dict, device) -> dict:
     """The trained module measured again with variant["set"] applied (then undone): a record named
     "<run>@<variant>" that keeps the run's training figures. Its validation runs the eager loss (a
     changed setting would recompile the compiled one)."""
@@ -353,7 +353,7 @@ def measure_variant(base: dict, variant: dict, module, datamodule, evaluator, jo
     previous = apply_settings(module, variant["set"])
     module._loss_terms_fn = module._loss_terms
     try:
-        record.update(evaluate(module, datamodule, evaluator, job))
+        record.update(evaluate(module, datamodule, evaluator, job, device))
     finally:
         module._loss_terms_fn = compiled
         for undo in previous:

@@ -118,7 +118,9 @@ def accuracy(b: int = 8, n: int = 512) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--shapes", nargs="+", default=[f"{b}x{n}" for b, n in SHAPES], help="BxN, e.g. 32x256 8x4096")
     args = ap.parse_args()
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
     if not torch.cuda.is_available():
         print("error: benchmarks/sparse_layer.py times CUDA graphs; run it on a CUDA device", file=sys.stderr)
         return 2
@@ -128,7 +130,7 @@ def main() -> int:
     except Exception as err:  # noqa: BLE001 - recorded; the timings still run
         report["accuracy"] = {"error": f"{type(err).__name__}: {err}".splitlines()[0]}
     print(f"accuracy (fused reduced chain vs float64 reference): {report['accuracy']}", flush=True)
-    for b, n in SHAPES:
+    for b, n in shapes:
         for name, (sparsity, core, capacity) in LAYERS.items():
             torch.manual_seed(0)
             row = {"layer": name, "B": b, "N": n}
@@ -145,7 +147,7 @@ def main() -> int:
     lines = [
         "# The learned-sparsity layer against the dense layer (one layer, CUDA graphs)",
         "",
-        f"Made by `python benchmarks/sparse_layer.py` on {report['device']}, torch {report['torch']}. "
+        f"Made by `python benchmarks/sparse_layer.py --shapes {' '.join(args.shapes)}` on {report['device']}, torch {report['torch']}. "
         f"d_model {D}, d_ff {D_FF}, {EXPERTS} experts, bf16 autocast; ms per call of one CUDA graph replayed "
         "back to back. Fused reduced chain against the float64 reference (relative max error): "
         + ", ".join(f"{k} {v:.1e}" if isinstance(v, float) else f"{k} {v}" for k, v in report["accuracy"].items())

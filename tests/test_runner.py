@@ -183,7 +183,7 @@ def test_variants_measure_the_trained_model_again(tmp_path):
     overflow = "val/stats/capacity_overflow"
     assert base["val_metrics"][overflow] == 0.0 and half["val_metrics"][overflow] > 0.0
     assert half["val_ppl"] != base["val_ppl"] and math.isfinite(per_step["val_ppl"])
-    assert base["infer_mode"] == {"1": "eager"}  # a CPU has no CUDA graphs: said, not faked
+    assert base["infer_mode"] == {"1": "eager"} and base["infer_device"] == "cpu"  # no CUDA graphs on a CPU: said
     table = (out / "variants.md").read_text()
     assert "| act@half |" in table and '# then, on the trained model: {"capacity": 0.5}' in table
     assert "Inference tokens/s: the eval-mode forward captured once in a CUDA graph" in table

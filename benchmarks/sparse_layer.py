@@ -153,7 +153,7 @@ def main() -> int:
         + ", ".join(f"{k} {v:.1e}" if isinstance(v, float) else f"{k} {v}" for k, v in report["accuracy"].items())
         + ".",
         "",
-        "| layer | B | N | train fwd+bwd ms | eval fwd ms | rows (train) | kept (eval) | train ÷ dense | eval ÷ dense |",
+        "| layer | B | N | train fwd+bwd ms | eval fwd ms | rows (train) | kept (eval) | train time ÷ dense | eval time ÷ dense |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:

@@ -459,6 +459,12 @@ def run_spec(path: str | Path, smoke: bool = False, out: str | Path | None = Non
     for proc, job_path, job in running:
         report["records"] += _collect(proc, job_path, job)
         write(report, spec, out)
+    if spec.get("figures"):  # the figures beside the runs' logs: tensorboard --logdir runs/bench/<spec>
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(runs_root / "figures") as writer:
+            for figure in spec["figures"]:
+                plot(report, figure, out / figure["file"], writer)
     return report
 
 
@@ -625,8 +631,9 @@ def cumulative(report: dict, spec: dict) -> dict | None:
     return {**best, "baseline": base["name"], "infer_batch": int(batch), "combinations": rows}
 
 
-def plot(report: dict, figure: dict, path: Path) -> None:
-    """A scatter of two record values per run, or curves of val ppl (or another curve key) per run."""
+def plot(report: dict, figure: dict, path: Path, writer=None) -> None:
+    """A scatter of two record values per run, or curves of val ppl (or another curve key) per run;
+    also into TensorBoard through `writer` (a SummaryWriter) when given."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -640,21 +647,32 @@ def plot(report: dict, figure: dict, path: Path) -> None:
             ax.plot(
                 [p[figure["x"]] for p in points], [p[figure["y"]] for p in points], marker="o", ms=3, label=r["label"]
             )
-        else:
+    if figure.get("kind", "scatter") == "scatter":  # one colour per run, its variants joined to it
+        groups: dict[str, list] = {}
+        for r in records:
             x, y = value(r, figure["x"]), value(r, figure["y"])
             if x is not None and y is not None:
-                ax.scatter(x, y, s=30)
-                ax.annotate(r["label"], (x, y), fontsize=8, xytext=(4, 3), textcoords="offset points")
+                groups.setdefault(r.get("variant_of", r["name"]), []).append((x, y, r["label"].partition("@")[2]))
+        for name, points in groups.items():
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=5, label=name)
+            for x, y, variant in points:
+                if variant:
+                    ax.annotate(variant, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     if figure.get("logx"):
         ax.set_xscale("log")
+    if figure.get("logy"):
+        ax.set_yscale("log")
     ax.set_xlabel(figure["x"])
     ax.set_ylabel(figure["y"])
     ax.grid(alpha=0.3)
-    if figure.get("kind") == "curve" and records:
+    if records:
         ax.legend(fontsize=7)
     ax.set_title(f"{report['spec']} on {report['device']}" + (" (SMOKE: measures nothing)" if report["smoke"] else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    if writer is not None:
+        writer.add_figure(Path(figure["file"]).stem, fig, close=False)
     plt.close(fig)
 
 

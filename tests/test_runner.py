@@ -62,6 +62,7 @@ def test_tiny_spec_end_to_end(tmp_path):
     assert f"commit {commit} (stated by --commit)" in table
     assert (out / "tiny.png").stat().st_size > 0
     assert (out / "runs" / "tiny" / "tiny").is_dir()  # TensorBoard logs of the run
+    assert any((out / "runs" / "tiny" / "figures").glob("events.out.tfevents.*"))  # and its figure
 
 
 def test_recorded_commit_is_git_head_unless_stated(capsys):

@@ -23,8 +23,8 @@ from resnet_bk.models.config import BKConfig
 V, D = 40, 16
 
 
-def _model(**kw):
-    config = BKConfig(d_model=D, n_layers=4, num_experts=2, max_seq_len=64)  # 1 pre, 2 inner, 1 post block
+def _model(dropout: float = 0.0, **kw):
+    config = BKConfig(d_model=D, n_layers=4, num_experts=2, max_seq_len=64, dropout=dropout)  # 1 pre, 2 inner, 1 post
     return AdaptiveLengthLM(V, config, **{"n_pre": 1, "n_post": 1, "init_boundary_rate": 0.5, **kw})
 
 
@@ -225,3 +225,85 @@ def test_rate_constraint_pushes_both_ways():
         pushed_up = (p.grad < 0).float().mean().item()  # gradient descent raises p where grad < 0
         assert pushed_up == pytest.approx(0.25)
         assert thresholded.item() == (0.0 if rate < 0.5 else 1.0)
+
+
+# ----------------------------------------------------------------- static shapes (capacity)
+def test_pool_with_slots_by_hand():
+    """slots=1: each row pools only its first closed segment; later positions keep reading it."""
+    x = torch.arange(2 * 6 * 1, dtype=torch.float64).view(2, 6, 1)
+    b = torch.tensor([[0, 1, 0, 0, 1, 0], [1, 1, 0, 0, 0, 0]], dtype=torch.float64)
+    z, closed, k_pad = segment_pool(x, b, slots=1)
+    assert closed.tolist() == [1, 1] and k_pad == 1 and z[..., 0].tolist() == [[0.5], [6.0]]
+    u = causal_upsample(z * 10, b, null=torch.tensor([-1.0], dtype=torch.float64))
+    assert u[..., 0].tolist() == [[-1, 5, 5, 5, 5, 5], [60, 60, 60, 60, 60, 60]]
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_full_capacity_gives_the_exact_logits_and_gradients(train):
+    """capacity 1.0 pools into N slots instead of the batch's most closed segments: the padding is
+    causal-invisible, so logits and their gradients (boundary predictor included) are the exact
+    path's. The inner blocks' MoE statistics count more padding rows, so those may differ."""
+    torch.manual_seed(0)
+    model = _model(dropout=0.1).double().train(train)
+    x = torch.randint(0, V, (3, 20))
+    results = []
+    for capacity in (None, 1.0):
+        model.capacity = capacity
+        model.zero_grad()
+        torch.manual_seed(123)
+        out = model(x)
+        out.logits.square().mean().backward()
+        results.append((out, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+    (exact, g_exact), (static, g_static) = results
+    assert 0.1 < exact.stats["boundary_rate"].item() < 0.9
+    torch.testing.assert_close(static.logits, exact.logits, atol=1e-12, rtol=0)
+    assert g_static.keys() == g_exact.keys() and any("boundary" in k for k in g_exact)
+    for k in g_exact:
+        torch.testing.assert_close(g_static[k], g_exact[k], atol=1e-12, rtol=0, msg=k)
+    assert float(static.stats["capacity_overflow"]) == 0.0
+    assert static.stats["inner_length_fraction"].item() == 1.0  # N slots, whatever closed
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_capacity_overflow_is_counted_and_stays_causal(train):
+    torch.manual_seed(0)
+    n = 20
+    model = _model(dropout=0.1, init_boundary_rate=0.6, capacity=0.2).double().train(train)  # 4 slots
+    x = torch.randint(0, V, (3, n))
+
+    def run(ids):
+        torch.manual_seed(123)  # the same boundary noise and dropout in both runs
+        return model(ids)
+
+    with torch.no_grad():
+        base = run(x)
+        assert float(base.stats["capacity_overflow"]) > 0.2  # about 12 segments close, 4 are pooled
+        assert base.stats["inner_length_fraction"].item() == pytest.approx(4 / n)
+        for t in (0, 3, 11, n - 1):
+            moved = run(_perturb(x, t)).logits
+            torch.testing.assert_close(moved[:, :t], base.logits[:, :t], atol=1e-12, rtol=0)
+
+
+def test_capacity_compiles_in_one_graph_without_host_reads():
+    """With a capacity nothing is read back: the forward compiles with fullgraph=True (train, with
+    backward, and eval); without one, the inner length is a value read back and the graph breaks.
+    bf16 autocast, as on the GPU (the MoE's grouped product is compile-able in bf16)."""
+    torch.manual_seed(0)
+    model = _model(init_boundary_rate=0.5)
+    x = torch.randint(0, V, (2, 16))
+    for capacity, compiles in ((0.25, True), (None, False)):
+        model.capacity = capacity
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="eager")
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                model.train()
+                out = compiled(x)
+                (out.logits.float().square().mean() + sum(out.aux_losses.values())).backward()
+                model.eval()
+                with torch.no_grad():
+                    compiled(x)
+            ok = True
+        except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError):
+            ok = False
+        assert ok == compiles, capacity

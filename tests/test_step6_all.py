@@ -391,8 +391,40 @@ def test_capacity_compiles_in_one_graph():
     assert out.logits.shape == (2, 16, V) and torch.isfinite(out.logits.float()).all()
 
 
-def test_capacity_refuses_learned_length():
-    with pytest.raises(ValueError, match=r"Step6AllLM: capacity needs adaptive_length false \(.*\)"):
-        Step6AllLM(V, tiny(6), capacity=0.5)
+def test_capacity_is_checked():
     with pytest.raises(ValueError, match=r"Step6AllLM: capacity must be None .* in \(0, 1\]"):
         Step6AllLM(V, tiny(6), adaptive_length=False, capacity=1.5)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval_exits"])
+def test_every_technique_with_capacity(mode):
+    """Learned length on too (8 layers: 1 pre, 1 inner, 3 multi-scale blocks): capacity 1.0 gives the
+    exact path's logits (the inner blocks' MoE statistics count more padding segments, so the aux
+    losses may differ); capacity 0.25 overflows the segment slots and the step loop, and stays causal."""
+    x = torch.randint(0, V, (2, N), generator=torch.Generator().manual_seed(0))
+    models = []
+    for cap in (None, 1.0, 0.25):
+        torch.manual_seed(1)
+        models.append(
+            Step6AllLM(
+                V, tiny(8, 0.1 if mode == "train" else 0.0), **LENGTH, halt_bias_init=-2.0, capacity=cap
+            ).double()
+        )
+    exact, static, small = models
+    _decisive(exact)
+    for model in (static, small):
+        model.load_state_dict(exact.state_dict())
+    for model in models:
+        model.train(mode == "train")
+        model.boundary.mlp[-1].bias.data.fill_(3.0)  # most positions close a segment: more than 5 a row
+        if mode == "eval_exits":
+            model.set_exit_threshold(_median_exit_threshold(exact, x, q=0.8))
+    outs = []
+    with torch.no_grad():
+        for model in models:
+            torch.manual_seed(123)
+            outs.append(model(x))
+    torch.testing.assert_close(outs[1].logits, outs[0].logits, atol=1e-10, rtol=0)
+    assert float(outs[1].stats["length_capacity_overflow"]) == 0.0
+    assert float(outs[2].stats["length_capacity_overflow"]) > 0 and float(outs[2].stats["capacity_overflow"]) > 0
+    _assert_causal(small, x)

@@ -29,7 +29,10 @@ it; the segment it is in reaches it only once closed (at its closing position an
 
 Within a batch the inner sequences are padded at the end to the longest row (optionally rounded
 up to a multiple, the seed's "length bins", for fewer distinct shapes); causal inner layers never
-let the padding reach a real segment.
+let the padding reach a real segment. Static shapes (segment_pool's `slots`, the models'
+`capacity`): every row pads to a fixed number of segment slots instead, so nothing is read back to
+the host; a row's segments beyond its slots are not pooled, and the positions after them keep
+reading the last pooled segment (still causal: that segment closed before them).
 """
 
 from __future__ import annotations
@@ -84,31 +87,44 @@ class BoundaryPredictor(nn.Module):
         return b, torch.sigmoid(logits)
 
 
-def segment_pool(x: torch.Tensor, b: torch.Tensor, length_multiple: int = 1):
+def segment_pool(x: torch.Tensor, b: torch.Tensor, length_multiple: int = 1, slots: int | None = None):
     """Mean-pool each closed segment: (x (B, N, D), b (B, N) 0/1 straight-through) ->
-    (z (B, K_pad, D), closed (B,) long = segments closed per row, K_pad).
+    (z (B, K_pad, D), closed (B,) long = segments pooled per row, K_pad).
 
-    Row i's summaries fill z[i, :closed[i]]; the rest is zero padding. K_pad = max(closed) rounded
-    up to a multiple of length_multiple (0 when no row closes a segment).
+    Row i's summaries fill z[i, :closed[i]]; the rest is zero padding. slots None: K_pad =
+    max(closed) rounded up to a multiple of length_multiple (0 when no row closes a segment; one
+    host sync, the inner length is a shape). slots an int (static shapes, no host sync): K_pad =
+    slots, and a row's segments after its first `slots` pool nowhere (like an open tail; they are
+    not in `closed`): whether segment j of a row is pooled depends on j alone, so on the past.
     """
     bsz, n, d = x.shape
     hard = b.detach() > 0.5
     closed = hard.sum(1)  # (B,)
-    k_max = int(closed.max()) if n > 0 else 0  # one host sync: the inner length is a shape
-    k_pad = -(-k_max // length_multiple) * length_multiple
+    if slots is None:
+        k_max = int(closed.max()) if n > 0 else 0
+        k_pad = -(-k_max // length_multiple) * length_multiple
+    else:
+        k_pad = slots
+        closed = closed.clamp_max(slots)
     if k_pad == 0:
         return x.new_zeros(bsz, 0, d), closed, 0
     seg = hard.long().cumsum(1) - hard.long()  # (B, N) segment of each position
-    in_closed = seg < closed.unsqueeze(1)  # positions of the open tail pool nowhere
+    in_closed = seg < closed.unsqueeze(1)  # positions of the open tail (and beyond the slots) pool nowhere
     slot = (torch.arange(bsz, device=x.device).unsqueeze(1) * k_pad + seg.clamp_max(k_pad - 1)).flatten()
     weight = in_closed.to(x.dtype).flatten()
     sums = x.new_zeros(bsz * k_pad, d).index_add(0, slot, x.flatten(0, 1) * weight.unsqueeze(1))
     counts = x.new_zeros(bsz * k_pad).index_add(0, slot, weight)
-    # Gate: the straight-through b at each segment's closing position (1 in value), the LM loss's
-    # gradient path into the boundary predictor.
-    gate = x.new_zeros(bsz * k_pad).index_add(0, slot, (b * hard).to(x.dtype).flatten())
+    # Gate: the straight-through b at each pooled segment's closing position (1 in value), the LM
+    # loss's gradient path into the boundary predictor.
+    gate = x.new_zeros(bsz * k_pad).index_add(0, slot, (b * hard * in_closed).to(x.dtype).flatten())
     z = sums / counts.clamp_min(1).unsqueeze(1) * gate.unsqueeze(1)
     return z.view(bsz, k_pad, d), closed, k_pad
+
+
+def segment_slots(capacity: float | None, n: int) -> int | None:
+    """Segment slots per row for a capacity (a fraction of the N positions): ceil(c N), at least 1;
+    None (no capacity) stays None."""
+    return None if capacity is None else max(1, math.ceil(capacity * n))
 
 
 def segment_close_positions(b: torch.Tensor, k_pad: int) -> torch.Tensor:
@@ -129,9 +145,10 @@ def causal_upsample(y: torch.Tensor, b: torch.Tensor, null: torch.Tensor) -> tor
     """(y (B, K_pad, D) inner outputs, b (B, N) boundaries, null (D,)) -> u (B, N, D).
 
     u_t = y[j(t)] with j(t) the last segment closed at or before t; null before the first close.
+    Past K_pad segments (segment_pool's slots) u_t stays the last pooled one, y[K_pad - 1].
     """
     bsz, n = b.shape
-    j = (b.detach() > 0.5).long().cumsum(1)  # j(t) + 1: 0 means "no closed segment yet"
+    j = (b.detach() > 0.5).long().cumsum(1).clamp_max(y.shape[1])  # j(t) + 1: 0 means "no closed segment yet"
     y_ext = torch.cat((null.to(y.dtype).expand(bsz, 1, -1), y), dim=1)  # (B, 1 + K_pad, D)
     return y_ext.gather(1, j.unsqueeze(-1).expand(bsz, n, y.shape[-1]))
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from resnet_bk.layers.act import check_capacity
 from resnet_bk.layers.adaptive_length import (
     BoundaryPredictor,
     boundary_prior_nll,
@@ -33,6 +34,7 @@ from resnet_bk.layers.adaptive_length import (
     causal_upsample,
     segment_close_positions,
     segment_pool,
+    segment_slots,
 )
 from resnet_bk.layers.dropout import consume_dropout
 from resnet_bk.models.base import TiedEmbeddingLM
@@ -59,13 +61,18 @@ class AdaptiveLengthLM(TiedEmbeddingLM):
             the boundary probability at 0.5 (see BoundaryPredictor).
         rate_target: None, or a rate in (0, 1): the fraction of positions with p_t > 0.5 (boundaries
             per token at evaluation) that aux "rate_constraint" holds (boundary_rate_constraint).
+        capacity: None (the inner length is the batch's most closed segments: one host sync) or a
+            fraction c in (0, 1]: static shapes, ceil(c N) segment slots per row; a row's segments
+            beyond them are not pooled (resnet_bk.layers.adaptive_length.segment_pool), counted in
+            the stat "capacity_overflow". capacity=1.0 never overflows and gives the values of None.
 
     aux_losses: "load_balance" (mean over all blocks; with num_experts > 1), "length" or
         "boundary_prior", and "rate_constraint" with rate_target; unweighted.
     stats: "compression_ratio" (B * N / closed segments), "inner_length_fraction" (executed inner
         length K_pad / N), "boundary_rate" (boundaries the forward ran with, per position),
         "boundary_prob_mean", "g_abs_mean", expert loads; with rate_target, "thresholded_rate"
-        (fraction of p_t > 0.5, in any mode).
+        (fraction of p_t > 0.5, in any mode); with a capacity, "capacity_overflow" (segments not
+        pooled / segments closed).
     """
 
     def __init__(
@@ -80,6 +87,7 @@ class AdaptiveLengthLM(TiedEmbeddingLM):
         length_multiple: int = 1,
         eval_sampling: bool = False,
         rate_target: float | None = None,
+        capacity: float | None = None,
     ):
         config = BKConfig.of(config)
         super().__init__(vocab_size, config)
@@ -95,6 +103,8 @@ class AdaptiveLengthLM(TiedEmbeddingLM):
             raise ValueError(f"AdaptiveLengthLM: rate_target must be in (0, 1) or None, got {rate_target}.")
         if length_multiple < 1:
             raise ValueError(f"AdaptiveLengthLM: length_multiple must be >= 1, got {length_multiple}.")
+        check_capacity("AdaptiveLengthLM", capacity)
+        self.capacity = capacity
         self.causal = config.causal
         self.prior_rate, self.length_multiple = prior_rate, length_multiple
         self.rate_target = rate_target
@@ -126,7 +136,7 @@ class AdaptiveLengthLM(TiedEmbeddingLM):
 
         x = run(self.pre_blocks, x)
         b, p = self.boundary(x)
-        z, closed, k_pad = segment_pool(x, b, self.length_multiple)
+        z, closed, k_pad = segment_pool(x, b, self.length_multiple, segment_slots(self.capacity, n))
         if k_pad > 0:  # dropout in the inner blocks is drawn per closing position, on the (B, N) grid
             y = run(self.inner_blocks, z, (segment_close_positions(b, k_pad), bsz * n))
         else:  # nothing to run; the random stream after this does not depend on it
@@ -150,4 +160,6 @@ class AdaptiveLengthLM(TiedEmbeddingLM):
         stats["inner_length_fraction"] = torch.tensor(k_pad / max(n, 1))
         stats["boundary_rate"] = hard.float().mean()
         stats["boundary_prob_mean"] = p.detach().mean()
+        if self.capacity is not None:
+            stats["capacity_overflow"] = 1 - closed.sum() / hard.sum().clamp_min(1)
         return LMOutput(logits=logits, aux_losses=aux_losses, stats=stats)

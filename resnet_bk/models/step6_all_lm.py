@@ -71,7 +71,8 @@ compiles with fullgraph=True), as in AdaptiveDepth / EarlyExitLM (resnet_bk.laye
     position with the head (halted ones: their final output), later ones the K_cap slots;
   - the sparse layers take the same capacity (SparseBKLayer's own static path); their overflow stat
     is named "sparse_capacity_overflow" here.
-Learned length is refused with a capacity (its segment counts are data-dependent shapes).
+  - learned length pools into ceil(c N) segment slots per row (segment_pool's slots); a row's
+    segments beyond them are not pooled, counted in the stat "length_capacity_overflow".
 capacity=1.0 never overflows and gives the values, aux losses and gradients of None.
 
 Switches off reduce to the single-technique models with the same weights (tests/test_step6_all.py):
@@ -107,6 +108,7 @@ from resnet_bk.layers.adaptive_length import (
     causal_upsample,
     segment_close_positions,
     segment_pool,
+    segment_slots,
 )
 from resnet_bk.layers.bk_layer import BKLayer, ResNetBKBlock
 from resnet_bk.layers.conditional_moe import ConditionalMoEFeedForward
@@ -150,8 +152,8 @@ class Step6AllLM(TiedEmbeddingLM):
         conditional_moe: every feed-forward is top-p routed (ConditionalMoELM); top_p,
             min_experts, max_experts as there (config.top_k must stay 1).
         capacity: None (exact gathers: host syncs, data-dependent shapes) or a fraction in (0, 1]:
-            static shapes for the step loop (ACT / exits) and the sparse layers (module docstring).
-            Needs adaptive_length false.
+            static shapes for the step loop (ACT / exits), the sparse layers and the learned
+            length's segments (module docstring).
 
     forward(input_ids, exits=None): exits as EarlyExitLM (None: in eval mode when a threshold is set).
 
@@ -222,11 +224,6 @@ class Step6AllLM(TiedEmbeddingLM):
         if confidence not in ("max_prob", "entropy"):
             raise ValueError(f"{name}: confidence must be 'max_prob' or 'entropy', got {confidence!r}.")
         check_capacity(name, capacity)
-        if capacity is not None and adaptive_length:
-            raise ValueError(
-                f"{name}: capacity needs adaptive_length false (the learned length's segment counts are "
-                "data-dependent shapes); set adaptive_length: false or capacity: null."
-            )
         self.capacity = capacity
 
         # Learned length: pre and inner blocks before the stack.
@@ -374,7 +371,8 @@ class Step6AllLM(TiedEmbeddingLM):
             x, aux, stats = block(x)
             record(aux, stats)
         b, p = self.boundary(x)  # (B, N) straight-through boundaries, probabilities
-        z, closed, k_pad = segment_pool(x, b, self.length_multiple)  # (B, K_pad, D)
+        slots = segment_slots(self.capacity, n)  # None: the batch's most closed segments (a host read)
+        z, closed, k_pad = segment_pool(x, b, self.length_multiple, slots)  # (B, K_pad, D)
         if k_pad > 0:  # dropout in the inner blocks is drawn per closing position, on the (B, N) grid
             gathered = (segment_close_positions(b, k_pad), bsz * n)
             for block in self.inner_blocks:
@@ -396,6 +394,8 @@ class Step6AllLM(TiedEmbeddingLM):
         stats["inner_length_fraction"] = torch.tensor(k_pad / max(n, 1))
         stats["boundary_rate"] = (b.detach() > 0.5).float().mean()
         stats["boundary_prob_mean"] = p.detach().mean()
+        if slots is not None:
+            stats["length_capacity_overflow"] = 1 - closed.sum() / (b.detach() > 0.5).sum().clamp_min(1)
         return x, aux, stats
 
     def _step(self, block: nn.Module, x: torch.Tensor, running: Optional[torch.Tensor], slots: Optional[int]):

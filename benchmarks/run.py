@@ -35,6 +35,7 @@ from torch.utils.benchmark import Timer
 from callbacks import Throughput
 from callbacks.flops import flop_breakdown
 from resnet_bk.cli import build
+from resnet_bk.host_sync import host_syncs
 from resnet_bk.models import count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,21 +210,25 @@ def infer_tokens_per_s(module: L.LightningModule, x: torch.Tensor, context, reps
     Timed by torch.utils.benchmark.Timer (2 warm-up passes first, the device synchronised at both
     ends, with all of torch's threads). graph (CUDA only): the forward is captured once in a CUDA
     graph and replayed, so the time is the GPU's and not the host's launches ("cuda_graph"); a
-    forward that cannot be captured (it reads values back, e.g. an exact gather) runs eagerly and
-    says why ("eager (capture failed: ...)")."""
+    forward that cannot be captured runs eagerly and says why: "eager (host sync: ...)" when one
+    eager pass finds it reads values back or builds tensors from Python data (resnet_bk.host_sync,
+    e.g. an exact gather; then no capture is tried), "eager (capture failed: ...)" otherwise."""
 
     def forward():
         with context():
             module(x)
 
     mode, replay = "eager", forward
-    if graph and x.is_cuda:
+    syncs = host_syncs(forward) if graph and x.is_cuda else []
+    if syncs:  # never tried: a refused capture can leave the process's CUDA RNG state unusable
+        mode = f"eager (host sync: {'; '.join(syncs)})"
+    elif graph and x.is_cuda:
         try:
             replay = captured(forward)
             mode = "cuda_graph"
         except Exception as err:  # noqa: BLE001 - any capture failure: time the eager forward instead
             torch.cuda.synchronize()
-            mode = f"eager (capture failed: {type(err).__name__})"
+            mode = f"eager (capture failed: {type(err).__name__}: {str(err).splitlines()[0][:120]})"
     timer = Timer("forward()", globals={"forward": replay}, num_threads=torch.get_num_threads())
     tokens_per_s = x.numel() / timer.timeit(reps).mean
     del replay
@@ -596,12 +601,13 @@ def inference_note(report: dict, spec: dict) -> str:
         else "the eval-mode forward, eager"
     )
     wanted = "cuda_graph" if spec.get("infer_graph") and not report["smoke"] else "eager"
-    odd = [
-        f"{r['label']} B={b}: {mode}"
-        for r in report["records"]
-        for b, mode in r.get("infer_mode", {}).items()
-        if mode != wanted
-    ]
+    odd = []
+    for r in report["records"]:
+        modes = {b: mode for b, mode in r.get("infer_mode", {}).items() if mode != wanted}
+        if modes and len(set(modes.values())) == 1 and len(modes) == len(r["infer_mode"]):
+            odd.append(f"{r['label']} (every batch size): {next(iter(modes.values()))}")
+        else:
+            odd += [f"{r['label']} B={b}: {mode}" for b, mode in modes.items()]
     return f"Inference tokens/s: {how}." + (f" Ran otherwise: {'; '.join(odd)}." if odd else "")
 
 

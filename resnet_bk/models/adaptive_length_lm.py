@@ -156,8 +156,8 @@ class AdaptiveLengthLM(TiedEmbeddingLM):
         if self.rate_target is not None:
             aux_losses["rate_constraint"], stats["thresholded_rate"] = boundary_rate_constraint(p, self.rate_target)
         hard = b.detach() > 0.5
-        stats["compression_ratio"] = torch.tensor(float(bsz * n), device=x.device) / closed.sum().clamp_min(1)
-        stats["inner_length_fraction"] = torch.tensor(k_pad / max(n, 1))
+        stats["compression_ratio"] = (bsz * n) / closed.sum().clamp_min(1)
+        stats["inner_length_fraction"] = torch.full((), k_pad / max(n, 1), device=x.device)
         stats["boundary_rate"] = hard.float().mean()
         stats["boundary_prob_mean"] = p.detach().mean()
         if self.capacity is not None:

@@ -152,8 +152,8 @@ class EarlyExitLM(ResNetBKLM):
         b, n, _ = x.shape
         self.last_ffn_rows = [b * n] * len(self.blocks)
         aux_losses, stats = _means(sums, len(self.blocks))
-        stats["exit_layer_mean"] = torch.tensor(float(len(self.blocks)))
-        stats["ffn_rows_fraction"] = torch.tensor(1.0)
+        stats["exit_layer_mean"] = torch.full((), float(len(self.blocks)), device=x.device)
+        stats["ffn_rows_fraction"] = torch.ones((), device=x.device)
         return EarlyExitOutput(self.head(x), aux_losses, stats, layer_hidden=hidden)
 
     def _forward_exits(self, x: torch.Tensor, threshold: float) -> EarlyExitOutput:
@@ -202,7 +202,7 @@ class EarlyExitLM(ResNetBKLM):
                 logits.index_copy_(0, active, final)
         aux_losses, stats = _means(sums, len(self.last_ffn_rows))
         stats["exit_layer_mean"] = exit_layer.float().mean()
-        stats["ffn_rows_fraction"] = torch.tensor(sum(self.last_ffn_rows) / (n_layers * b * n))
+        stats["ffn_rows_fraction"] = torch.full((), sum(self.last_ffn_rows) / (n_layers * b * n), device=logits.device)
         return EarlyExitOutput(logits.view(b, n, -1), aux_losses, stats)
 
     def _forward_exits_static(self, x: torch.Tensor) -> EarlyExitOutput:
@@ -265,7 +265,7 @@ class EarlyExitLM(ResNetBKLM):
             dense = False
         aux_losses, stats = weighted_means(aux_sums), weighted_means(stat_sums)
         stats["exit_layer_mean"] = exit_layer.float().mean()
-        stats["ffn_rows_fraction"] = torch.tensor(sum(self.last_ffn_rows) / (n_layers * b * n))
+        stats["ffn_rows_fraction"] = torch.full((), sum(self.last_ffn_rows) / (n_layers * b * n), device=logits.device)
         stats["capacity_overflow"] = overflow / wanted.clamp_min(1)
         return EarlyExitOutput(logits[: b * n].view(b, n, -1), aux_losses, stats)
 

@@ -390,8 +390,8 @@ class Step6AllLM(TiedEmbeddingLM):
             aux["boundary_prior"] = boundary_prior_nll(b, self.prior_rate)
         if self.rate_target is not None:
             aux["rate_constraint"], stats["thresholded_rate"] = boundary_rate_constraint(p, self.rate_target)
-        stats["compression_ratio"] = torch.tensor(float(bsz * n), device=x.device) / closed.sum().clamp_min(1)
-        stats["inner_length_fraction"] = torch.tensor(k_pad / max(n, 1))
+        stats["compression_ratio"] = (bsz * n) / closed.sum().clamp_min(1)
+        stats["inner_length_fraction"] = torch.full((), k_pad / max(n, 1), device=x.device)
         stats["boundary_rate"] = (b.detach() > 0.5).float().mean()
         stats["boundary_prob_mean"] = p.detach().mean()
         if slots is not None:
@@ -553,7 +553,9 @@ class Step6AllLM(TiedEmbeddingLM):
         if static:
             stats["capacity_overflow"] = (cut[0] / cut[1].clamp_min(1)).detach()
         ran = sum(v for k, v in work.items() if k.startswith("ffn_rows/"))
-        stats["ffn_rows_fraction"] = torch.tensor(ran / max(n_steps * self._full_ffn_rows(b, n), 1))
+        stats["ffn_rows_fraction"] = torch.full(
+            (), ran / max(n_steps * self._full_ffn_rows(b, n), 1), device=logits.device
+        )
         if self.multiscale:
             stats.update(work_stats(work, b * n))
         return logits, hidden, aux, stats

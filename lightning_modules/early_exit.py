@@ -78,8 +78,8 @@ class EarlyExitLanguageModel(LanguageModel):
     def compute_loss(self, batch: dict[str, torch.Tensor], stage: str) -> LossOutput:
         result = super().compute_loss(batch, stage)
         out, self._last_output = self._last_output, None
-        if not out.layer_hidden:  # evaluated with exits
-            if stage in ("val", "test") and self.measure_full_depth:
+        if not getattr(out, "layer_hidden", None):  # evaluated with exits, or a network whose early exit is off
+            if stage in ("val", "test") and self.measure_full_depth and getattr(self.model, "early_exit", True):
                 with torch.no_grad():
                     full = self.model(batch["input_ids"], exits=False)
                 nll_sum = F.cross_entropy(

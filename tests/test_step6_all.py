@@ -278,6 +278,22 @@ def test_config_fits_through_the_cli():
         assert key in metrics, key
 
 
+def test_config_fits_with_early_exit_off():
+    """The config's switches work from the command line: early exit off (the training module then
+    adds no exit loss and no second full-depth evaluation), learned length and conditional MoE on."""
+    from resnet_bk.cli import build
+
+    off = [f"--model.init_args.network.init_args.{s}=false" for s in ("multiscale", "act", "sparsity", "early_exit")]
+    with tempfile.TemporaryDirectory() as root:
+        cli = build(["--config", str(CONFIG), *tiny_fit_args(seq_len=16, d_model=D), "--trainer.default_root_dir",
+                     root, *off, "--model.init_args.network.init_args.capacity=0.5"])  # fmt: skip
+        cli.trainer.fit(cli.model, cli.datamodule)
+    metrics = cli.trainer.callback_metrics
+    assert cli.trainer.global_step == 2 and torch.isfinite(metrics["val/ppl"])
+    assert "val/stats/compression_ratio" in metrics and "val/stats/experts_per_token" in metrics
+    assert "train/aux/exit_ce" not in metrics and "val/ppl_all_layers" not in metrics
+
+
 # ------------------------------------------------------------------ static shapes (capacity)
 STATIC = {  # switch combinations allowed with a capacity, and their config.n_layers (3 steps each)
     "multiscale_act": (("multiscale", "act"), 6),

@@ -219,16 +219,17 @@ def infer_tokens_per_s(module: L.LightningModule, x: torch.Tensor, context, reps
             module(x)
 
     mode, replay = "eager", forward
-    syncs = host_syncs(forward) if graph and x.is_cuda else []
-    if syncs:  # never tried: a refused capture can leave the process's CUDA RNG state unusable
-        mode = f"eager (host sync: {'; '.join(syncs)})"
-    elif graph and x.is_cuda:
-        try:
-            replay = captured(forward)
-            mode = "cuda_graph"
-        except Exception as err:  # noqa: BLE001 - any capture failure: time the eager forward instead
-            torch.cuda.synchronize()
-            mode = f"eager (capture failed: {type(err).__name__}: {str(err).splitlines()[0][:120]})"
+    if graph and x.is_cuda:
+        # Asked first, never tried: a refused capture can leave the process's CUDA RNG state unusable.
+        if syncs := host_syncs(forward):
+            mode = f"eager (host sync: {'; '.join(syncs)})"
+        else:
+            try:
+                replay = captured(forward)
+                mode = "cuda_graph"
+            except Exception as err:  # noqa: BLE001 - any capture failure: time the eager forward instead
+                torch.cuda.synchronize()
+                mode = f"eager (capture failed: {type(err).__name__}: {str(err).splitlines()[0][:120]})"
     timer = Timer("forward()", globals={"forward": replay}, num_threads=torch.get_num_threads())
     tokens_per_s = x.numel() / timer.timeit(reps).mean
     del replay
